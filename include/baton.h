@@ -127,8 +127,9 @@ int bt_frame_encode(void *buf, size_t cap, const bt_frame_hdr *hdr, const void *
  * BT_FRAME_MAX_PAYLOAD_DEFAULT; values above BT_FRAME_MAX_PAYLOAD_LIMIT are clamped to it).  On success fills
  * *out and returns the whole frame size; the payload is buf + BT_FRAME_HEADER_SIZE.  Never reads outside
  * buf[0..len).  Checks run in this order, so a stream parser can tell "wait for more" from "give up":
- *   len < 48 -> -ENODATA; bad magic -> -EBADMSG; version -> -EPROTONOSUPPORT; priority or flags ->
- *   -ERANGE; payload_len > max -> -EMSGSIZE; len < frame size -> -ENODATA; CRC -> -EILSEQ.
+ *   len < 48 -> -ENODATA; bad magic -> -EBADMSG; version -> -EPROTONOSUPPORT; priority or flags (or a
+ *   nonzero crc32c field without BT_FRAME_F_CRC) -> -ERANGE; payload_len > max -> -EMSGSIZE; len < frame
+ *   size -> -ENODATA; CRC -> -EILSEQ.  *out is written only on success (out may be NULL to just validate).
  */
 int bt_frame_decode(const void *buf, size_t len, uint32_t max_payload, bt_frame_hdr *out);
 
