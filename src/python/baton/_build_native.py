@@ -16,7 +16,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 SOURCES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "src", "c", "*.c")))
 
 # The declarations Python may call.  Inline fast-path functions (reserve/commit/peek) stay C-only: from
-# Python one call must move a whole record or a whole batch.
+# Python one call must move a whole record or a whole batch.  Input buffers are declared `const char *`
+# (the C side takes `const void *`) so Python can pass a bytes object without an ffi.from_buffer call.
 CDEF = """
 #define BT_FRAME_MAGIC ...
 #define BT_FRAME_VERSION ...
@@ -71,9 +72,9 @@ typedef struct bt_io_event { uint64_t tag; int32_t kind; int32_t result; } bt_io
 const char *bt_version(void);
 uint64_t bt_now_ns(void);
 
-uint32_t bt_crc32c(uint32_t crc, const void *data, size_t len);
-int bt_frame_encode(void *buf, size_t cap, const bt_frame_hdr *hdr, const void *payload, size_t len);
-int bt_frame_decode(const void *buf, size_t len, uint32_t max_payload, bt_frame_hdr *out);
+uint32_t bt_crc32c(uint32_t crc, const char *data, size_t len);
+int bt_frame_encode(void *buf, size_t cap, const bt_frame_hdr *hdr, const char *payload, size_t len);
+int bt_frame_decode(const char *buf, size_t len, uint32_t max_payload, bt_frame_hdr *out);
 
 int bt_ring_create(uint64_t capacity, int role, uint64_t generation, bt_ring **out);
 int bt_ring_attach(int fd, int role, bt_ring **out);
@@ -81,8 +82,8 @@ void bt_ring_close(bt_ring *r);
 int bt_ring_fd(const bt_ring *r);
 void bt_ring_set_spin(bt_ring *r, uint64_t spin_ns);
 void bt_ring_stats_get(const bt_ring *r, bt_ring_stats *out);
-int bt_ring_write(bt_ring *r, const void *data, uint32_t len);
-int bt_ring_write_batch(bt_ring *r, const void *buf, const uint32_t *lens, int n);
+int bt_ring_write(bt_ring *r, const char *data, uint32_t len);
+int bt_ring_write_batch(bt_ring *r, const char *buf, const uint32_t *lens, int n);
 int bt_ring_read_batch(bt_ring *r, void *buf, size_t cap, uint32_t *lens, int max_n);
 int bt_ring_wait(bt_ring *r, uint64_t timeout_ns);
 int bt_ring_read_wait(bt_ring *r, void *buf, size_t cap, uint32_t *lens, int max_n, uint64_t timeout_ns);
@@ -90,15 +91,15 @@ int bt_ring_read_wait(bt_ring *r, void *buf, size_t cap, uint32_t *lens, int max
 int bt_sock_listen(const char *path, int backlog);
 int bt_sock_connect(const char *path);
 int bt_sock_accept(int listen_fd);
-int bt_sock_send_all(int fd, const void *buf, size_t len);
-int bt_sock_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+int bt_sock_send_all(int fd, const char *buf, size_t len);
+int bt_sock_send_fds(int sock, const char *buf, size_t len, const int *fds, int nfds);
 int bt_sock_recv_fds(int sock, void *buf, size_t cap, int *fds, int max_fds, int *nfds);
 int bt_sock_peercred(int fd, bt_peercred *out);
 
 int bt_frame_reader_open(uint32_t max_payload, bt_frame_reader **out);
 void bt_frame_reader_close(bt_frame_reader *rd);
 int bt_frame_reader_fill(bt_frame_reader *rd, int fd);
-int bt_frame_reader_feed(bt_frame_reader *rd, const void *data, size_t len);
+int bt_frame_reader_feed(bt_frame_reader *rd, const char *data, size_t len);
 int bt_frame_reader_drain(bt_frame_reader *rd, void *buf, size_t cap, uint32_t *lens, int max_n);
 
 int bt_io_open(int backend, unsigned entries, bt_io **out);
@@ -106,7 +107,7 @@ void bt_io_close(bt_io *io);
 int bt_io_backend(const bt_io *io);
 int bt_io_watch(bt_io *io, int fd, uint64_t tag);
 int bt_io_unwatch(bt_io *io, int fd, uint64_t tag);
-int bt_io_send(bt_io *io, int fd, const void *buf, uint32_t len, uint64_t tag);
+int bt_io_send(bt_io *io, int fd, const char *buf, uint32_t len, uint64_t tag);
 int bt_io_wait(bt_io *io, bt_io_event *evs, int max, int timeout_ms);
 """
 

@@ -1,0 +1,431 @@
+"""The only module that touches libbaton (``baton._native``, built by cffi).
+
+Everything here turns C's ``-errno`` returns into baton.errors exceptions through one ``check``, owns native
+handles explicitly (``close()`` and context managers; ``__del__`` is only a leak guard) and moves data in as
+few boundary crossings as possible: one call writes or reads a whole batch into a caller-reused buffer.
+
+If the extension cannot be imported, ``AVAILABLE`` is False and ``LOAD_ERROR`` says why; the daemon then
+runs PYTHON_ONLY.  Nothing else in baton imports ``baton._native``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from baton.errors import BatonError, error_from_errno
+
+try:
+    from baton._native import ffi, lib  # type: ignore[import-not-found]
+
+    AVAILABLE = True
+    LOAD_ERROR = ""
+except ImportError as exc:  # pragma: no cover - exercised by the PYTHON_ONLY tests
+    ffi = lib = None
+    AVAILABLE = False
+    LOAD_ERROR = f"libbaton is not built or failed to load ({exc}); reinstall with `pip install .`"
+
+PRODUCER = 1
+CONSUMER = 2
+IO_AUTO, IO_EPOLL, IO_URING = 0, 1, 2
+IO_BACKEND_NAMES = {IO_EPOLL: "epoll", IO_URING: "io_uring"}
+EV_READABLE, EV_SENT, EV_ERROR = 1, 2, 3
+WAIT_FOREVER = (1 << 64) - 1
+
+
+def _require() -> None:
+    if not AVAILABLE:
+        raise BatonError(LOAD_ERROR)
+
+
+def check(rc: int, context: str = "") -> int:
+    """Return rc when it is >= 0; otherwise raise the baton.errors class for -rc."""
+    if rc < 0:
+        raise error_from_errno(-rc, context)
+    return rc
+
+
+def _timeout_ns(timeout: float | None) -> int:
+    if timeout is None:
+        return WAIT_FOREVER
+    return max(0, int(timeout * 1e9))
+
+
+def version() -> str:
+    _require()
+    return str(ffi.string(lib.bt_version()).decode())
+
+
+def now_ns() -> int:
+    """CLOCK_MONOTONIC in ns, the clock of every timestamp libbaton writes."""
+    _require()
+    return int(lib.bt_now_ns())
+
+
+# --- frames ------------------------------------------------------------------------------------------------
+
+FrameFields = tuple[int, int, int, int, int, int, int, int, int, int]
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+    _require()
+    return int(lib.bt_crc32c(crc, bytes(data), len(data)))
+
+
+def frame_encode(
+    type: int,
+    priority: int,
+    flags: int,
+    source: int,
+    destination: int,
+    correlation_id: int,
+    send_ts_ns: int,
+    payload: bytes,
+) -> bytes:
+    """Encode one frame with the C codec (twin of wire.encode)."""
+    _require()
+    hdr = ffi.new("bt_frame_hdr *")
+    hdr.type, hdr.priority, hdr.flags = type, priority, flags
+    hdr.source, hdr.destination = source, destination
+    hdr.correlation_id, hdr.send_ts_ns = correlation_id, send_ts_ns
+    payload = bytes(payload)
+    cap = lib.BT_FRAME_HEADER_SIZE + len(payload)
+    buf = ffi.new("char[]", cap)
+    size = check(lib.bt_frame_encode(buf, cap, hdr, payload, len(payload)), "frame encode")
+    return bytes(ffi.buffer(buf, size))
+
+
+def frame_decode(buf: bytes, max_payload: int = 0) -> FrameFields:
+    """Validate and decode the frame at the start of buf with the C codec.
+
+    Returns (type, priority, flags, source, destination, correlation_id, send_ts_ns, crc32c, payload_len,
+    frame size); the payload is buf[48:size]."""
+    _require()
+    data = bytes(buf)
+    hdr = ffi.new("bt_frame_hdr *")
+    size = check(lib.bt_frame_decode(data, len(data), max_payload, hdr), "frame decode")
+    return (
+        hdr.type,
+        hdr.priority,
+        hdr.flags,
+        hdr.source,
+        hdr.destination,
+        hdr.correlation_id,
+        hdr.send_ts_ns,
+        hdr.crc32c,
+        hdr.payload_len,
+        size,
+    )
+
+
+# --- shared-memory rings -----------------------------------------------------------------------------------
+
+
+class Ring:
+    """One end of a shared-memory SPSC ring.
+
+    The producer never blocks: ``write`` raises RingFull when the consumer is behind.  The consumer reads
+    batches into a buffer it reuses, so one call moves up to ``max_batch`` records.
+    """
+
+    __slots__ = ("_r", "role", "_buf", "_buf_len", "_lens", "_max_batch", "_view")
+
+    def __init__(self, handle: Any, role: int, max_batch: int = 256) -> None:
+        self._r = handle
+        self.role = role
+        stats = ffi.new("bt_ring_stats *")
+        lib.bt_ring_stats_get(handle, stats)
+        # Room for a full batch of maximum records would be wasteful; one max record plus slack is enough
+        # because read_batch stops at the first record that does not fit and returns what it has.
+        self._buf_len = int(max(stats.max_record, 64 * 1024))
+        self._buf = ffi.new("char[]", self._buf_len)
+        self._view = ffi.buffer(self._buf)
+        self._lens = ffi.new("uint32_t[]", max_batch)
+        self._max_batch = max_batch
+
+    @classmethod
+    def create(cls, capacity: int = 1 << 20, role: int = PRODUCER, generation: int = 0) -> Ring:
+        """Create a sealed memfd segment and return our end of it; pass ``fd`` to the peer."""
+        _require()
+        out = ffi.new("bt_ring **")
+        check(lib.bt_ring_create(capacity, role, generation, out), "ring create")
+        return cls(out[0], role)
+
+    @classmethod
+    def attach(cls, fd: int, role: int) -> Ring:
+        """Attach to a segment received from a peer; the fd may be closed afterwards."""
+        _require()
+        out = ffi.new("bt_ring **")
+        check(lib.bt_ring_attach(fd, role, out), "ring attach")
+        return cls(out[0], role)
+
+    @property
+    def fd(self) -> int:
+        return check(lib.bt_ring_fd(self._handle()), "ring fd")
+
+    def _handle(self) -> Any:
+        if self._r is None:
+            raise BatonError("ring is closed")
+        return self._r
+
+    def set_spin(self, spin_ns: int) -> None:
+        lib.bt_ring_set_spin(self._handle(), spin_ns)
+
+    def stats(self) -> dict[str, int]:
+        s = ffi.new("bt_ring_stats *")
+        lib.bt_ring_stats_get(self._handle(), s)
+        return {
+            "capacity": s.capacity,
+            "generation": s.generation,
+            "used": s.used,
+            "full_events": s.full_events,
+            "max_record": s.max_record,
+            "role": s.role,
+        }
+
+    def write(self, data: bytes) -> None:
+        """Write and publish one record; RingFull when there is no room, FrameTooLarge when it never fits."""
+        rc = lib.bt_ring_write(self._handle(), data, len(data))
+        if rc < 0:
+            raise error_from_errno(-rc, "ring write")
+
+    def write_batch(self, payloads: Sequence[bytes]) -> int:
+        """Write as many of payloads as fit, publishing once; returns how many were written."""
+        n = len(payloads)
+        if n == 0:
+            return 0
+        lens = ffi.new("uint32_t[]", [len(p) for p in payloads])
+        return check(lib.bt_ring_write_batch(self._handle(), b"".join(payloads), lens, n), "ring write")
+
+    def write_packed(self, packed: bytes, lens: Any, n: int) -> int:
+        """Low-level batch write: payloads back to back in ``packed``, lengths in a cffi uint32_t array."""
+        return check(lib.bt_ring_write_batch(self._handle(), packed, lens, n), "ring write")
+
+    def read_batch(self, timeout: float | None = 0.0, max_n: int | None = None) -> list[bytes]:
+        """Read up to max_n records.  timeout 0 returns at once, None waits for ever; [] when nothing came.
+
+        Raises PeerClosed once the producer has closed or died and the ring is drained."""
+        n = self.read_into(timeout, max_n)
+        out = []
+        off = 0
+        view, lens = self._view, self._lens
+        for i in range(n):
+            ln = lens[i]
+            out.append(view[off : off + ln])
+            off += ln
+        return out
+
+    def read_into(self, timeout: float | None = 0.0, max_n: int | None = None) -> int:
+        """Read a batch into the reused buffer and return the count; ``buffer``/``lengths`` hold the data
+        until the next read.  This is the zero-allocation path for callers that parse in place."""
+        max_n = self._max_batch if max_n is None else min(max_n, self._max_batch)
+        r = self._handle()
+        if timeout == 0:
+            rc = lib.bt_ring_read_batch(r, self._buf, self._buf_len, self._lens, max_n)
+        else:
+            rc = lib.bt_ring_read_wait(r, self._buf, self._buf_len, self._lens, max_n, _timeout_ns(timeout))
+        if rc < 0:
+            if rc in (-_EAGAIN, -_ETIMEDOUT):
+                return 0
+            raise error_from_errno(-rc, "ring read")
+        return int(rc)
+
+    @property
+    def buffer(self) -> Any:
+        return self._view
+
+    @property
+    def lengths(self) -> Any:
+        return self._lens
+
+    def close(self) -> None:
+        if self._r is not None:
+            lib.bt_ring_close(self._r)
+            self._r = None
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # leak guard only; owners call close()
+        if getattr(self, "_r", None) is not None and lib is not None:
+            self.close()
+
+
+_EAGAIN = errno.EAGAIN
+_ETIMEDOUT = errno.ETIMEDOUT
+
+
+# --- unix sockets ------------------------------------------------------------------------------------------
+
+
+def listen(path: str, backlog: int = 128) -> int:
+    _require()
+    return check(lib.bt_sock_listen(os.fsencode(path), backlog), f"listen on {path}")
+
+
+def connect(path: str) -> int:
+    _require()
+    return check(lib.bt_sock_connect(os.fsencode(path)), f"connect to {path}")
+
+
+def accept(listen_fd: int) -> int | None:
+    """A new non-blocking connection, or None when none is pending."""
+    rc = lib.bt_sock_accept(listen_fd)
+    if rc == -_EAGAIN:
+        return None
+    return check(rc, "accept")
+
+
+def send_all(fd: int, data: bytes) -> None:
+    check(lib.bt_sock_send_all(fd, bytes(data), len(data)), "send")
+
+
+def send_fds(sock: int, data: bytes, fds: Iterable[int]) -> int:
+    """Send data (at least one byte) with descriptors attached (SCM_RIGHTS); they stay ours."""
+    fd_list = list(fds)
+    arr = ffi.new("int[]", fd_list or [0])
+    return check(lib.bt_sock_send_fds(sock, bytes(data), len(data), arr, len(fd_list)), "send fds")
+
+
+def recv_fds(sock: int, cap: int = 4096, max_fds: int = 8) -> tuple[bytes, list[int]]:
+    """Receive bytes and descriptors; the caller owns (and must close) the descriptors."""
+    buf = ffi.new("char[]", cap)
+    fds = ffi.new("int[]", max_fds)
+    nfds = ffi.new("int *")
+    n = check(lib.bt_sock_recv_fds(sock, buf, cap, fds, max_fds, nfds), "receive fds")
+    return bytes(ffi.buffer(buf, n)), [fds[i] for i in range(nfds[0])]
+
+
+def peercred(fd: int) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket."""
+    cred = ffi.new("bt_peercred *")
+    check(lib.bt_sock_peercred(fd, cred), "peer credentials")
+    return cred.pid, cred.uid, cred.gid
+
+
+class FrameReader:
+    """Validated frames from a byte stream (C reader).  After a stream error every call raises it again:
+    the connection cannot be resynchronised and must be closed."""
+
+    __slots__ = ("_rd", "_buf", "_buf_len", "_lens", "_view")
+
+    def __init__(self, max_payload: int = 0, batch: int = 256) -> None:
+        _require()
+        out = ffi.new("bt_frame_reader **")
+        check(lib.bt_frame_reader_open(max_payload, out), "frame reader")
+        self._rd = out[0]
+        limit = max_payload or lib.BT_FRAME_MAX_PAYLOAD_DEFAULT
+        self._buf_len = int(min(limit, 1 << 20) + lib.BT_FRAME_HEADER_SIZE)
+        self._buf = ffi.new("char[]", self._buf_len)
+        self._view = ffi.buffer(self._buf)
+        self._lens = ffi.new("uint32_t[]", batch)
+
+    def fill(self, fd: int) -> int:
+        """read() once from fd; bytes read (0 when it would block).  PeerClosed at end of stream."""
+        rc = lib.bt_frame_reader_fill(self._rd, fd)
+        if rc == -_EAGAIN:
+            return 0
+        return check(rc, "read frames")
+
+    def feed(self, data: bytes) -> None:
+        check(lib.bt_frame_reader_feed(self._rd, bytes(data), len(data)), "buffer frames")
+
+    def drain(self) -> list[bytes]:
+        """Every complete frame (header and payload as on the wire) buffered so far."""
+        out: list[bytes] = []
+        while True:
+            n = check(
+                lib.bt_frame_reader_drain(self._rd, self._buf, self._buf_len, self._lens, len(self._lens)),
+                "decode frames",
+            )
+            if n == 0:
+                return out
+            off = 0
+            for i in range(n):
+                ln = self._lens[i]
+                out.append(self._view[off : off + ln])
+                off += ln
+
+    def close(self) -> None:
+        if self._rd is not None:
+            lib.bt_frame_reader_close(self._rd)
+            self._rd = None
+
+    def __enter__(self) -> FrameReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_rd", None) is not None and lib is not None:
+            self.close()
+
+
+class IoEngine:
+    """The socket-plane engine: io_uring or epoll, chosen at run time (``backend_name`` says which)."""
+
+    __slots__ = ("_io", "_events", "_inflight")
+
+    def __init__(self, backend: int = IO_AUTO, entries: int = 256, max_events: int = 256) -> None:
+        _require()
+        out = ffi.new("bt_io **")
+        check(lib.bt_io_open(backend, entries, out), "open I/O engine")
+        self._io = out[0]
+        self._events = ffi.new("bt_io_event[]", max_events)
+        # Send buffers must outlive the kernel's use of them: keep each until its SENT event arrives.
+        self._inflight: dict[int, bytes] = {}
+
+    @property
+    def backend(self) -> int:
+        return int(lib.bt_io_backend(self._io))
+
+    @property
+    def backend_name(self) -> str:
+        return IO_BACKEND_NAMES[self.backend]
+
+    def watch(self, fd: int, tag: int) -> None:
+        check(lib.bt_io_watch(self._io, fd, tag), "watch fd")
+
+    def unwatch(self, fd: int, tag: int) -> None:
+        check(lib.bt_io_unwatch(self._io, fd, tag), "unwatch fd")
+
+    def send(self, fd: int, data: bytes, tag: int) -> None:
+        """Queue a send; its result arrives as (tag, EV_SENT, bytes or -errno) from wait()."""
+        if tag in self._inflight:
+            raise BatonError(f"tag {tag} already has a send in flight; use one tag per outstanding send")
+        data = bytes(data)
+        check(lib.bt_io_send(self._io, fd, data, len(data), tag), "queue send")
+        self._inflight[tag] = data
+
+    def wait(self, timeout_ms: int = -1) -> list[tuple[int, int, int]]:
+        """Submit queued work and wait for events: a list of (tag, kind, result)."""
+        n = check(lib.bt_io_wait(self._io, self._events, len(self._events), timeout_ms), "wait for I/O")
+        out = []
+        for i in range(n):
+            ev = self._events[i]
+            if ev.kind == EV_SENT:
+                self._inflight.pop(ev.tag, None)
+            out.append((int(ev.tag), int(ev.kind), int(ev.result)))
+        return out
+
+    def close(self) -> None:
+        if self._io is not None:
+            lib.bt_io_close(self._io)
+            self._io = None
+            self._inflight.clear()
+
+    def __enter__(self) -> IoEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_io", None) is not None and lib is not None:
+            self.close()
