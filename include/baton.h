@@ -170,12 +170,17 @@ typedef struct bt_ring_shm {
     uint64_t capacity;      /* data bytes, power of two */
     uint64_t generation;    /* chosen by the creator; lets a peer tell a recreated segment apart */
     uint32_t max_record;    /* largest payload one record may carry (capacity / 4) */
-    int32_t producer_pid;   /* so a parked consumer can tell a dead producer from a quiet one */
+    uint32_t _reserved0;    /* zero */
     uint8_t _pad0[BT_RING_LINE - 40];
     /* Line 1: written by the producer only. */
     _Alignas(BT_RING_LINE) uint64_t tail;  /* bytes committed and published */
     uint32_t producer_closed;               /* 1 after bt_ring_close by the producer */
-    uint8_t _pad1[BT_RING_LINE - 12];
+    /* The producer's pid, stored by the producer end when it is created or attached (0 = no producer yet),
+     * so a parked consumer can tell a dead producer from a quiet one.  Here and not on line 0 because the
+     * creator is not always the producer, and line 0 is read-only once the fd is shared.  A hint only: the
+     * consumer never signals it, only probes it (pid > 0, kill(pid, 0)). */
+    int32_t producer_pid;
+    uint8_t _pad1[BT_RING_LINE - 16];
     /* Line 2: written by the consumer only. */
     _Alignas(BT_RING_LINE) uint64_t head;  /* bytes consumed and released */
     uint8_t _pad2[BT_RING_LINE - 8];
@@ -187,6 +192,7 @@ typedef struct bt_ring_shm {
 
 _Static_assert(sizeof(bt_ring_shm) == BT_RING_HDR_SIZE, "ring header is 512 bytes");
 _Static_assert(offsetof(bt_ring_shm, tail) == 1 * BT_RING_LINE, "tail on line 1");
+_Static_assert(offsetof(bt_ring_shm, producer_pid) == 1 * BT_RING_LINE + 12, "producer_pid on line 1");
 _Static_assert(offsetof(bt_ring_shm, head) == 2 * BT_RING_LINE, "head on line 2");
 _Static_assert(offsetof(bt_ring_shm, futex_seq) == 3 * BT_RING_LINE, "futex on line 3");
 
@@ -205,6 +211,7 @@ typedef struct bt_ring {
     uint64_t published; /* last value this side stored into its shared index */
     uint64_t spin_ns;   /* how long bt_ring_wait spins before parking */
     uint64_t full_events; /* producer: times a write found the ring full */
+    uint64_t live_check_ns; /* consumer: when bt_ring_wait may next probe whether the producer is alive */
     size_t map_len;
 } bt_ring;
 
@@ -331,7 +338,10 @@ static inline int bt_ring_peek(bt_ring *r, const void **data)
         if (size < BT_RING_REC_HDR || size > r->capacity - off)
             return -EPROTO;
         if (kind == BT_RING_KIND_PAD) {
-            if (off + size != r->capacity)
+            /* A PAD ends exactly at the end of the data area and never starts at 0 (a producer pads only
+             * when a record does not fit before the end): without the off != 0 test, a PAD spanning the
+             * whole area would send this loop round for ever. */
+            if (off == 0 || off + size != r->capacity)
                 return -EPROTO;
             r->pos += size;
             continue;
