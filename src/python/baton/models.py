@@ -1,0 +1,459 @@
+"""Task models: what a user submits (TaskSpec), what the store returns (Task), and the scheduler's results.
+
+Rules that live here because they are about a single task, not the graph:
+- the allowed state transitions (``TRANSITIONS``) and which states are terminal;
+- payload validation: anything a user submits is kept exactly as submitted or rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime, timezone
+from typing import Any, Final, Literal
+
+import msgpack
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from baton.scheduler_errors import TaskValidationError
+
+__all__ = [
+    "Status",
+    "Source",
+    "Risk",
+    "DependentPolicy",
+    "TERMINAL",
+    "TRANSITIONS",
+    "check_transition",
+    "AcceptanceCriterion",
+    "TaskSpec",
+    "PriorityBreakdown",
+    "AttemptRecord",
+    "Task",
+    "EnqueueResult",
+    "Claim",
+    "CancelResult",
+    "FailOutcome",
+    "BatchOutcome",
+    "ExecutionPlan",
+    "encode_payload",
+    "decode_payload",
+    "parse_spec",
+    "parse_specs",
+]
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    READY = "ready"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD_LETTERED = "dead_lettered"
+
+
+TERMINAL: Final[frozenset[Status]] = frozenset(
+    {Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.DEAD_LETTERED}
+)
+
+# The whole state machine.  running -> ready is a retry or an expired lease; ready -> pending happens when a
+# prerequisite is added to a ready task; blocked -> pending/ready when the blocking prerequisite is replaced by
+# a requeued copy.  Terminal states have no way out: dead letters are requeued as a *new* task.
+TRANSITIONS: Final[dict[Status, frozenset[Status]]] = {
+    Status.PENDING: frozenset({Status.READY, Status.BLOCKED, Status.CANCELLED}),
+    Status.READY: frozenset({Status.RUNNING, Status.PENDING, Status.BLOCKED, Status.CANCELLED}),
+    Status.RUNNING: frozenset(
+        {Status.COMPLETED, Status.FAILED, Status.DEAD_LETTERED, Status.READY, Status.CANCELLED}
+    ),
+    Status.BLOCKED: frozenset({Status.PENDING, Status.READY, Status.CANCELLED}),
+    Status.COMPLETED: frozenset(),
+    Status.FAILED: frozenset(),
+    Status.CANCELLED: frozenset(),
+    Status.DEAD_LETTERED: frozenset(),
+}
+
+
+def check_transition(task_id: str, current: Status, target: Status) -> None:
+    from baton.scheduler_errors import InvalidTransition
+
+    if target not in TRANSITIONS[current]:
+        if current in TERMINAL:
+            raise InvalidTransition(f"task {task_id} is {current.value}; terminal states never change")
+        raise InvalidTransition(f"task {task_id}: {current.value} -> {target.value} is not allowed")
+
+
+class Source(enum.StrEnum):
+    """Well-known task sources; any other non-empty string is accepted as a custom source."""
+
+    HUMAN = "human"
+    AGENT_REQUIREMENTS = "agent_requirements"
+    AGENT_PLANNER = "agent_planner"
+    AGENT_IMPLEMENTATION = "agent_implementation"
+
+
+class Risk(enum.StrEnum):
+    HIGH = "High"
+    MEDIUM = "Medium"
+    LOW = "Low"
+
+
+RISK_RANK: Final[dict[str, int]] = {"High": 0, "Medium": 1, "Low": 2}
+
+
+class DependentPolicy(enum.StrEnum):
+    """What happens to a task when one of its prerequisites fails, is dead-lettered or is cancelled."""
+
+    CANCEL = "cancel"  # cancel it too (and, through their own policies, its dependents)
+    BLOCK = "block"  # park it as blocked with a stated reason until an operator acts (the default)
+    PROCEED = "proceed"  # treat the prerequisite as satisfied and run anyway
+
+
+# --- payloads ----------------------------------------------------------------------------------------------
+
+# One tag byte in front of the stored blob says how to give it back: raw bytes are returned byte for byte,
+# values are msgpack-encoded with strict types so that nothing is silently converted (a tuple would come back
+# as a list; strict_types rejects it instead).
+_RAW: Final = b"\x01"
+_PACKED: Final = b"\x02"
+
+
+def encode_payload(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if type(value) is bytes:
+        return _RAW + value
+    try:
+        return _PACKED + msgpack.packb(value, use_bin_type=True, strict_types=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(
+            "payload must be bytes or a JSON/msgpack value (dict, list, str, int, float, bool, None, bytes) "
+            f"that can be kept exactly: {exc}"
+        ) from None
+
+
+def decode_payload(blob: bytes | None) -> Any:
+    if blob is None:
+        return None
+    tag, body = blob[:1], blob[1:]
+    if tag == _RAW:
+        return bytes(body)
+    return msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+# --- submitted task ----------------------------------------------------------------------------------------
+
+_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/\-]{0,127}$")
+_AGENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
+
+
+class AcceptanceCriterion(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    text: str = Field(min_length=1, max_length=10_000)
+
+
+class TaskSpec(BaseModel):
+    """A task as submitted.  Every field is kept as given; the store adds state around it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | None = Field(default=None, description="caller-chosen id; generated when absent")
+    summary: str = Field(min_length=1, max_length=1_000)
+    description: str = Field(default="", max_length=200_000)
+    agent_type: str
+    source: str = Source.HUMAN.value
+    base_priority: StrictInt = Field(default=5, ge=0, le=10)
+    prerequisites: list[str] = Field(default_factory=list)
+    deadline: AwareDatetime | None = None
+    estimated_duration_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    input: Any = None
+    max_attempts: StrictInt = Field(default=3, ge=1, le=100)
+    timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+    risk: Risk = Risk.MEDIUM
+    acceptance_criteria: list[AcceptanceCriterion] = Field(default_factory=list)
+    file_scope: list[str] = Field(default_factory=list)
+    conflicts_with: list[str] = Field(default_factory=list)
+    on_prerequisite_failure: DependentPolicy | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str | None) -> str | None:
+        if v is not None and not _ID_RE.match(v):
+            raise ValueError("id must be 1-128 chars of letters, digits and ._:@/- starting with a letter or digit")
+        return v
+
+    @field_validator("agent_type")
+    @classmethod
+    def _agent_shape(cls, v: str) -> str:
+        if not _AGENT_RE.match(v):
+            raise ValueError("agent_type must be 1-64 chars of letters, digits and _.:- ")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source_shape(cls, v: str) -> str:
+        if not v or len(v) > 64 or any(c.isspace() for c in v):
+            raise ValueError("source must be a known source or a custom string of 1-64 non-space chars")
+        return v
+
+    @field_validator("risk", mode="before")
+    @classmethod
+    def _risk_case(cls, v: Any) -> Any:
+        # Manifests write "high"/"HIGH"; the canonical spelling is the enum's.
+        if isinstance(v, str) and v.capitalize() in RISK_RANK:
+            return v.capitalize()
+        return v
+
+    @field_validator("prerequisites")
+    @classmethod
+    def _prereqs_unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("prerequisites contain duplicates")
+        for p in v:
+            if not _ID_RE.match(p):
+                raise ValueError(f"prerequisite id {p!r} is not a valid task id")
+        return v
+
+    @field_validator("input")
+    @classmethod
+    def _input_encodable(cls, v: Any) -> Any:
+        encode_payload(v)  # raises ValueError with the reason
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_encodable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        encode_payload(v)
+        return v
+
+    @model_validator(mode="after")
+    def _criteria_unique(self) -> TaskSpec:
+        ids = [c.id for c in self.acceptance_criteria]
+        if len(set(ids)) != len(ids):
+            raise ValueError("acceptance criteria ids must be unique")
+        if self.id is not None and self.id in self.prerequisites:
+            raise ValueError("a task cannot be its own prerequisite")
+        return self
+
+
+def _validation_details(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for err in exc.errors(include_url=False):
+        d: dict[str, Any] = {
+            "field": ".".join(str(p) for p in err["loc"]) or "<task>",
+            "code": err["type"],
+            "message": err["msg"],
+        }
+        if index is not None:
+            d["index"] = index
+        out.append(d)
+    return out
+
+
+def parse_spec(data: TaskSpec | dict[str, Any]) -> TaskSpec:
+    """Validate one submission, turning pydantic's error into a TaskValidationError with every problem."""
+    if isinstance(data, TaskSpec):
+        return data
+    try:
+        return TaskSpec.model_validate(data)
+    except ValidationError as exc:
+        details = _validation_details(exc, None)
+        first = details[0]
+        raise TaskValidationError(
+            f"invalid task: {first['field']}: {first['message']}"
+            + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
+            details=details,
+        ) from None
+
+
+def parse_specs(items: list[TaskSpec | dict[str, Any]]) -> list[TaskSpec]:
+    """Validate a batch; all problems of all items are reported together and nothing is accepted."""
+    out: list[TaskSpec] = []
+    details: list[dict[str, Any]] = []
+    validate = TaskSpec.model_validate
+    for i, item in enumerate(items):
+        if isinstance(item, TaskSpec):
+            out.append(item)
+            continue
+        try:
+            out.append(validate(item))
+        except ValidationError as exc:
+            details.extend(_validation_details(exc, i))
+    if details:
+        first = details[0]
+        raise TaskValidationError(
+            f"invalid task at index {first['index']}: {first['field']}: {first['message']}"
+            + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
+            details=details,
+        )
+    return out
+
+
+# --- stored task -------------------------------------------------------------------------------------------
+
+
+class PriorityBreakdown(BaseModel):
+    """Why a task has the calculated priority it has: one term per factor; ``total`` is their sum."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base: float
+    urgency: float
+    unblock: float
+    source: float
+    aging: float
+    total: float
+    # The raw inputs, so the explanation can be read without the weights at hand.
+    base_priority: int
+    seconds_to_deadline: float | None
+    downstream_depth: int
+    waited_s: float
+
+
+class AttemptRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int
+    holder: str | None
+    fencing_token: int
+    started_at: float
+    ended_at: float
+    outcome: Literal["failed_transient", "failed_permanent", "lease_expired", "cancelled"]
+    error: str | None = None
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+class Task(TaskSpec):
+    """A stored task: the submission plus its state.  ``id`` is always set."""
+
+    id: str  # type: ignore[assignment]
+    status: Status
+    calculated_priority: float
+    priority_breakdown: PriorityBreakdown
+    downstream_depth: int = 0
+    result: Any = None
+    error: str | None = None
+    attempts: int = 0
+    attempt_history: list[AttemptRecord] = Field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime
+    ready_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    not_before: datetime | None = None
+    lease_holder: str | None = None
+    lease_expires_at: datetime | None = None
+    fencing_token: int = 0
+    blocked_reason: str | None = None
+    criteria_done: list[str] = Field(default_factory=list)
+    requeued_from: str | None = None
+    requeued_as: str | None = None
+    manifest_id: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+# --- operation results -------------------------------------------------------------------------------------
+
+
+class EnqueueResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str
+    created: bool  # False when the idempotency key (or an identical id) matched an existing task
+    status: Status
+
+
+class Claim:
+    """A task handed to a worker.  One per claimed task, so __slots__ and no validation."""
+
+    __slots__ = ("task_id", "agent_type", "fencing_token", "lease_expires_at", "attempt", "input", "priority")
+
+    def __init__(
+        self,
+        task_id: str,
+        agent_type: str,
+        fencing_token: int,
+        lease_expires_at: float,
+        attempt: int,
+        input: Any,
+        priority: float,
+    ) -> None:
+        self.task_id = task_id
+        self.agent_type = agent_type
+        self.fencing_token = fencing_token
+        self.lease_expires_at = lease_expires_at
+        self.attempt = attempt
+        self.input = input
+        self.priority = priority
+
+    def __repr__(self) -> str:
+        return f"Claim({self.task_id!r}, token={self.fencing_token}, attempt={self.attempt})"
+
+
+class CancelResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    cancelled_task_id: str
+    cascaded_task_ids: list[str]
+    total_cancelled: int
+    dry_run: bool = False
+    changed: bool
+    message: str
+
+
+class FailOutcome(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str
+    status: Status  # ready (will retry), dead_lettered or failed
+    retry_at: float | None = None
+    attempts: int
+    message: str
+
+
+class BatchOutcome(BaseModel):
+    """Per-item result of a batch completion: which items were applied and why the others were refused."""
+
+    model_config = ConfigDict(frozen=True)
+
+    applied: list[str]
+    rejected: dict[str, str]
+    released: list[str] = Field(default_factory=list)  # dependents that became ready
+
+
+class ExecutionPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    batches: list[list[str]]
+    total_batches: int
+    max_parallelism: int
+    critical_path: list[str]
+    critical_path_s: float
+    estimated_makespan_s: float
+    wip_limit: int | None
+    # Prerequisites outside the planned set: satisfied (completed) ones are just listed; the others are
+    # reported per task so the caller knows which batches can't start yet.
+    external_satisfied: list[str] = Field(default_factory=list)
+    external_unsatisfied: dict[str, list[str]] = Field(default_factory=dict)
+    skipped_terminal: dict[str, Status] = Field(default_factory=dict)
+

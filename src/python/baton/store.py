@@ -1,0 +1,293 @@
+"""The durable task store: SQLite in WAL mode, a versioned schema with migrations, explicit transactions.
+
+This module owns the connection and the schema; the rules (what may change, in which order) live in
+scheduler.py, which runs every multi-row change inside one ``store.write()`` transaction.
+
+Concurrency model.  One ``TaskStore`` per thread or process (a sqlite3 connection must not be shared across
+threads).  Writers take SQLite's RESERVED lock up front with ``BEGIN IMMEDIATE``: read-modify-write sequences
+such as "pick the best ready task, mark it running" are therefore serialised between every connection on the
+file, threads and processes alike, which is what makes claims atomic.  Readers never block writers (WAL).
+
+Durability.  ``synchronous=FULL`` in WAL mode fsyncs the log on every commit, so a committed transaction
+survives SIGKILL and power loss.  Group commit is explicit: the batch APIs (enqueue_many, claim_many,
+complete_many) commit once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
+
+from baton.scheduler_errors import SchemaError
+
+__all__ = ["TaskStore", "TaskRepository", "SCHEMA_VERSION", "MIGRATIONS", "chunked", "SQL_MAX_VARS"]
+
+log = logging.getLogger("baton.store")
+
+# Each entry upgrades the schema from (version - 1) to version.  Never edit a released entry: add a new one.
+MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
+    (
+        1,
+        """
+        CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        INSERT INTO meta(key, value) VALUES ('fence', 0);
+
+        CREATE TABLE tasks (
+            seq              INTEGER PRIMARY KEY,      -- insertion order, the last tie-break of dispatch order
+            id               TEXT NOT NULL UNIQUE,
+            status           TEXT NOT NULL,
+            agent_type       TEXT NOT NULL,
+            source           TEXT NOT NULL,
+            base_priority    INTEGER NOT NULL,
+            risk             TEXT NOT NULL,
+            policy           TEXT NOT NULL,            -- what to do when a prerequisite fails/cancels
+            deadline         REAL,                     -- unix seconds
+            deadline_sort    REAL NOT NULL,            -- deadline, or a huge value: tie-break in the index
+            estimate         REAL NOT NULL,            -- seconds (0 when not given)
+            depth            INTEGER NOT NULL DEFAULT 0,  -- longest chain of dependents below this task
+            static_score     REAL NOT NULL,            -- time-independent part of the priority
+            rank             REAL NOT NULL DEFAULT 0,  -- dispatch key, see priority.py
+            unmet            INTEGER NOT NULL DEFAULT 0,  -- prerequisites not yet satisfied
+            attempts         INTEGER NOT NULL DEFAULT 0,
+            max_attempts     INTEGER NOT NULL,
+            timeout          REAL,
+            idempotency_key  TEXT UNIQUE,
+            created_at       REAL NOT NULL,
+            updated_at       REAL NOT NULL,
+            ready_at         REAL,
+            started_at       REAL,
+            finished_at      REAL,
+            not_before       REAL NOT NULL DEFAULT 0,  -- retry backoff: not claimable before this
+            lease_holder     TEXT,
+            lease_expires_at REAL,
+            fencing_token    INTEGER NOT NULL DEFAULT 0,
+            blocked_reason   TEXT,
+            spec             BLOB NOT NULL,            -- the submission, msgpack, as given
+            input            BLOB,                     -- payload blobs: see models.encode_payload
+            result           BLOB,
+            error            TEXT,
+            history          BLOB,                     -- msgpack list of attempt records
+            criteria_done    BLOB,
+            requeued_from    TEXT,
+            requeued_as      TEXT
+        );
+        -- Dispatch order: the claim query walks this index from the top.
+        CREATE INDEX tasks_ready ON tasks(agent_type, rank DESC, deadline_sort, seq) WHERE status = 'ready';
+        CREATE INDEX tasks_ready_deadline ON tasks(seq) WHERE status = 'ready' AND deadline IS NOT NULL;
+        CREATE INDEX tasks_running_type ON tasks(agent_type) WHERE status = 'running';
+        CREATE INDEX tasks_running_lease ON tasks(lease_expires_at) WHERE status = 'running';
+
+        CREATE TABLE deps (
+            task_id   TEXT NOT NULL,   -- the dependent
+            prereq_id TEXT NOT NULL,   -- must be satisfied before task_id may run
+            PRIMARY KEY (task_id, prereq_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX deps_prereq ON deps(prereq_id, task_id);
+        """,
+    ),
+    (
+        2,
+        """
+        CREATE TABLE manifests (
+            manifest_id TEXT PRIMARY KEY,
+            hash        TEXT NOT NULL,
+            imported_at REAL NOT NULL,
+            task_ids    BLOB NOT NULL,     -- msgpack list, in manifest order
+            document    BLOB NOT NULL      -- the manifest bytes as given
+        ) WITHOUT ROWID;
+        ALTER TABLE tasks ADD COLUMN manifest_id TEXT;
+        """,
+    ),
+)
+
+SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
+
+# Python's bundled SQLite (3.32+) allows 32766 host parameters; stay well below so long IN lists never fail.
+SQL_MAX_VARS: Final = 30000
+
+
+def chunked(seq: Sequence[Any], n: int = SQL_MAX_VARS) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+class TaskRepository(Protocol):
+    """What the scheduler needs from storage: a connection and transactions around it.
+
+    The scheduler speaks SQL to ``conn`` inside ``write()``/``read()``; a different backend would implement
+    the same statements (the schema above is the contract).
+    """
+
+    path: str
+
+    @property
+    def conn(self) -> sqlite3.Connection: ...
+
+    def write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def read(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def close(self) -> None: ...
+
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+class TaskStore:
+    """One connection to a task database file (``":memory:"`` works for single-connection tests)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "FULL",
+        busy_timeout_s: float = 30.0,
+        migrate_to: int = SCHEMA_VERSION,
+    ) -> None:
+        if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"bad synchronous mode {synchronous!r}")
+        self.path = str(path)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves; the sqlite3 module's implicit transactions
+        # would otherwise start DEFERRED transactions that can deadlock on lock upgrade between processes.
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=True
+        )
+        self._depth = 0
+        c = self._conn
+        c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal" and self.path != ":memory:":
+            raise SchemaError(f"could not enable WAL on {self.path} (journal_mode={mode})")
+        c.execute(f"PRAGMA synchronous = {synchronous}")
+        c.execute("PRAGMA foreign_keys = OFF")  # integrity is enforced by the scheduler inside transactions
+        c.execute("PRAGMA temp_store = MEMORY")
+        self._migrate(migrate_to)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("task store is closed")
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> TaskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # leak guard only; close() is the API
+        if getattr(self, "_conn", None) is not None:
+            try:
+                self.close()
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+    # --- transactions ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE).  Re-entrant: nested uses join the outer transaction."""
+        c = self.conn
+        if self._depth:
+            self._depth += 1
+            try:
+                yield c
+            finally:
+                self._depth -= 1
+            return
+        c.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield c
+        except BaseException:
+            self._depth = 0
+            c.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        c.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot for several SELECTs."""
+        c = self.conn
+        if self._depth:
+            self._depth += 1
+            try:
+                yield c
+            finally:
+                self._depth -= 1
+            return
+        c.execute("BEGIN")
+        self._depth = 1
+        try:
+            yield c
+        finally:
+            self._depth = 0
+            c.execute("COMMIT")
+
+    # --- schema ------------------------------------------------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self, target: int) -> None:
+        c = self.conn
+        if c.execute("PRAGMA user_version").fetchone()[0] >= target:
+            self._check_version()
+            return
+        # IMMEDIATE: two processes opening a fresh file at once must not both run the migrations.
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            current = int(c.execute("PRAGMA user_version").fetchone()[0])
+            if current == 0 and c.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()[0]:
+                raise SchemaError(f"{self.path} is not a baton task store (it has tables but no schema version)")
+            for version, script in MIGRATIONS:
+                if current < version <= target:
+                    log.info("migrating %s to schema version %d", self.path, version)
+                    for stmt in _statements(script):
+                        c.execute(stmt)
+                    c.execute(f"PRAGMA user_version = {version}")
+                    current = version
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        self._check_version()
+
+    def _check_version(self) -> None:
+        v = self.schema_version
+        if v > SCHEMA_VERSION:
+            raise SchemaError(f"{self.path} has schema version {v}; this baton supports up to {SCHEMA_VERSION}")
+
+    def integrity_check(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def next_fence(self, c: sqlite3.Connection) -> int:
+        """A fencing token strictly greater than every token handed out before (call inside write())."""
+        row = c.execute("UPDATE meta SET value = value + 1 WHERE key = 'fence' RETURNING value").fetchone()
+        return int(row[0])
+
+
+def _statements(script: str) -> Iterable[str]:
+    # executescript() would COMMIT our transaction; split instead (the scripts hold no ';' inside literals).
+    for part in script.split(";"):
+        lines = [ln for ln in part.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+        if lines:
+            yield "\n".join(lines)
