@@ -478,10 +478,16 @@ static int ring_gone(bt_ring *r, uint64_t now)
      * to the re-check that follows a positive answer. */
     if (__atomic_load_n(&r->shm->producer_closed, __ATOMIC_ACQUIRE))
         return 1;
+    if (r->live_check_ns == UINT64_MAX)
+        return 1; /* found dead before: a dead producer does not come back */
     if (now < r->live_check_ns)
         return 0;
+    if (ring_producer_dead(r)) {
+        r->live_check_ns = UINT64_MAX;
+        return 1;
+    }
     r->live_check_ns = now + RING_LIVENESS_SLICE_NS;
-    return ring_producer_dead(r);
+    return 0;
 }
 
 int bt_ring_wait(bt_ring *r, uint64_t timeout_ns)
