@@ -122,6 +122,11 @@ def frame_decode(buf: bytes, max_payload: int = 0) -> FrameFields:
 
 # --- shared-memory rings -----------------------------------------------------------------------------------
 
+if AVAILABLE:  # bound once: module globals are cheaper than two attribute lookups per message
+    _ring_write = lib.bt_ring_write
+    _ring_read_batch = lib.bt_ring_read_batch
+    _ring_read_wait = lib.bt_ring_read_wait
+
 
 class Ring:
     """One end of a shared-memory SPSC ring.
@@ -185,9 +190,15 @@ class Ring:
             "role": s.role,
         }
 
+    # write and read_into are the per-message path: no helper calls, one attribute load for the handle (a
+    # closed ring has None there, which must never reach C as NULL).
+
     def write(self, data: bytes) -> None:
         """Write and publish one record; RingFull when there is no room, FrameTooLarge when it never fits."""
-        rc = lib.bt_ring_write(self._handle(), data, len(data))
+        r = self._r
+        if r is None:
+            raise BatonError("ring is closed")
+        rc = _ring_write(r, data, len(data))
         if rc < 0:
             raise error_from_errno(-rc, "ring write")
 
@@ -220,12 +231,15 @@ class Ring:
     def read_into(self, timeout: float | None = 0.0, max_n: int | None = None) -> int:
         """Read a batch into the reused buffer and return the count; ``buffer``/``lengths`` hold the data
         until the next read.  This is the zero-allocation path for callers that parse in place."""
+        r = self._r
+        if r is None:
+            raise BatonError("ring is closed")
         max_n = self._max_batch if max_n is None else min(max_n, self._max_batch)
-        r = self._handle()
         if timeout == 0:
-            rc = lib.bt_ring_read_batch(r, self._buf, self._buf_len, self._lens, max_n)
+            rc = _ring_read_batch(r, self._buf, self._buf_len, self._lens, max_n)
         else:
-            rc = lib.bt_ring_read_wait(r, self._buf, self._buf_len, self._lens, max_n, _timeout_ns(timeout))
+            wait_ns = WAIT_FOREVER if timeout is None else _timeout_ns(timeout)
+            rc = _ring_read_wait(r, self._buf, self._buf_len, self._lens, max_n, wait_ns)
         if rc < 0:
             if rc in (-_EAGAIN, -_ETIMEDOUT):
                 return 0
