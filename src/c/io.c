@@ -6,111 +6,49 @@
 
 #include <stdlib.h>
 
-/* Fibonacci hashing: tags are often small consecutive integers, which this spreads over the table. */
-static uint32_t io_hash(uint64_t tag, uint32_t nslots)
-{
-    return (uint32_t)((tag * 0x9E3779B97F4A7C15ull) >> 32) & (nslots - 1);
-}
-
-static bti_io_slot *io_slot_find(const bt_io *io, uint64_t tag)
-{
-    if (!io->nslots)
-        return NULL;
-    for (uint32_t i = io_hash(tag, io->nslots), k = 0; k < io->nslots; i = (i + 1) & (io->nslots - 1), k++) {
-        bti_io_slot *s = &io->slots[i];
-        if (s->state == 0)
-            return NULL;
-        if (s->state == 1 && s->tag == tag)
-            return s;
-    }
-    return NULL;
-}
-
-/* Rebuild the hash with room for `want` entries at load <= 1/2, dropping deleted markers. */
-static int io_rehash(bt_io *io, uint32_t want)
-{
-    uint32_t n = 16;
-    while (n < want * 2)
-        n *= 2;
-    bti_io_slot *slots = calloc(n, sizeof(*slots));
-    if (!slots)
-        return -ENOMEM;
-    for (uint32_t j = 0; j < io->nslots; j++) {
-        bti_io_slot *s = &io->slots[j];
-        if (s->state != 1)
-            continue;
-        uint32_t i = io_hash(s->tag, n);
-        while (slots[i].state)
-            i = (i + 1) & (n - 1);
-        slots[i] = *s;
-    }
-    free(io->slots);
-    io->slots = slots;
-    io->nslots = n;
-    io->dead = 0;
-    return 0;
-}
-
 int bti_io_watch_add(bt_io *io, int fd, uint64_t tag)
 {
-    if ((size_t)fd < io->fd_cap && io->fd_watched[fd])
+    size_t i = (size_t)fd;
+    if (i < io->nwatches && io->watches[i].used)
         return -EEXIST;
-    if (io_slot_find(io, tag))
-        return -EEXIST;
-    if ((size_t)fd >= io->fd_cap) {
-        size_t cap = io->fd_cap ? io->fd_cap : 64;
-        while (cap <= (size_t)fd)
-            cap *= 2;
-        uint8_t *w = realloc(io->fd_watched, cap);
+    if (i >= io->nwatches) {
+        size_t n = io->nwatches ? io->nwatches : 64;
+        while (n <= i)
+            n *= 2;
+        bti_io_watch *w = realloc(io->watches, n * sizeof(*w));
         if (!w)
             return -ENOMEM;
-        memset(w + io->fd_cap, 0, cap - io->fd_cap);
-        io->fd_watched = w;
-        io->fd_cap = cap;
+        memset(w + io->nwatches, 0, (n - io->nwatches) * sizeof(*w));
+        io->watches = w;
+        io->nwatches = n;
     }
-    if ((io->used + io->dead + 1) * 2 > io->nslots) {
-        int rc = io_rehash(io, io->used + 1);
-        if (rc < 0)
-            return rc;
-    }
-    uint32_t i = io_hash(tag, io->nslots);
-    while (io->slots[i].state == 1)
-        i = (i + 1) & (io->nslots - 1);
-    if (io->slots[i].state == 2)
-        io->dead--;
-    io->slots[i] = (bti_io_slot){.tag = tag, .fd = fd, .state = 1};
-    io->used++;
-    io->fd_watched[fd] = 1;
-    return 0;
+    io->gen = (io->gen + 1) & ((1u << BTI_IO_GEN_BITS) - 1);
+    io->watches[i] = (bti_io_watch){.tag = tag, .gen = io->gen, .used = 1};
+    return (int)io->gen;
 }
 
-int bti_io_watch_find(const bt_io *io, uint64_t tag)
+const bti_io_watch *bti_io_watch_get(const bt_io *io, int fd)
 {
-    const bti_io_slot *s = io_slot_find(io, tag);
-    return s ? s->fd : -ENOENT;
+    if (fd < 0 || (size_t)fd >= io->nwatches || !io->watches[fd].used)
+        return NULL;
+    return &io->watches[fd];
 }
 
 int bti_io_watch_del(bt_io *io, int fd, uint64_t tag)
 {
-    bti_io_slot *s = io_slot_find(io, tag);
-    if (!s || (fd >= 0 && s->fd != fd))
+    const bti_io_watch *w = bti_io_watch_get(io, fd);
+    if (!w || w->tag != tag)
         return -ENOENT;
-    int wfd = s->fd;
-    s->state = 2;
-    io->used--;
-    io->dead++;
-    io->fd_watched[wfd] = 0;
-    return wfd;
+    int gen = (int)w->gen;
+    io->watches[fd].used = 0;
+    return gen;
 }
 
 void bti_io_watch_fini(bt_io *io)
 {
-    free(io->slots);
-    free(io->fd_watched);
-    io->slots = NULL;
-    io->fd_watched = NULL;
-    io->nslots = io->used = io->dead = 0;
-    io->fd_cap = 0;
+    free(io->watches);
+    io->watches = NULL;
+    io->nwatches = 0;
 }
 
 int bt_io_open(int backend, unsigned entries, bt_io **out)

@@ -28,6 +28,8 @@ static int io_epoll_watch(bt_io *io, int fd, uint64_t tag)
     int rc = bti_io_watch_add(io, fd, tag);
     if (rc < 0)
         return rc;
+    /* Level-triggered would repeat an event for bytes the caller chose to leave, which io_uring's
+     * multishot poll cannot do; both report arrivals instead. */
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = tag};
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         rc = -errno;

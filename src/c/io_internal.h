@@ -15,34 +15,34 @@ typedef struct bti_io_ops {
     void (*close)(bt_io *io); /* releases the backend's resources and the handle itself */
 } bti_io_ops;
 
-/* One slot of the tag -> fd hash (open addressing, linear probing). */
-typedef struct bti_io_slot {
+/* The watch on one fd.  gen tells a watch apart from an earlier one on the same fd number. */
+typedef struct bti_io_watch {
     uint64_t tag;
-    int32_t fd;
-    int32_t state; /* 0 empty, 1 used, 2 deleted */
-} bti_io_slot;
+    uint32_t gen; /* BTI_IO_GEN_BITS wide */
+    uint32_t used;
+} bti_io_watch;
+
+#define BTI_IO_GEN_BITS 28
 
 /*
- * Every watch is recorded here, by tag (io_uring completions carry only the tag, and a multishot poll the
- * kernel ended must be re-armed on its fd) and by fd (so both backends refuse a second watch on one fd the
- * same way).  The backends embed bt_io as their first member.
+ * Every watch is recorded here, indexed by fd (fds are small dense integers): both backends refuse a second
+ * watch on one fd the same way, and io_uring completions, which carry (gen, fd) rather than the tag, find
+ * the tag here and recognise a completion of a watch that no longer exists.  The backends embed bt_io as
+ * their first member.
  */
 struct bt_io {
     const bti_io_ops *ops;
     int backend;
-    bti_io_slot *slots;
-    uint32_t nslots; /* power of two, or 0 before the first watch */
-    uint32_t used;   /* live entries */
-    uint32_t dead;   /* deleted markers still occupying slots */
-    uint8_t *fd_watched; /* fd_watched[fd] != 0 while fd has a watch */
-    size_t fd_cap;
+    uint32_t gen; /* last generation handed out */
+    bti_io_watch *watches;
+    size_t nwatches; /* slots in watches[] */
 };
 
-/* Record a watch: -EEXIST when the tag or the fd already has one, -ENOMEM. */
+/* Record a watch: returns its generation (>= 0), or -EEXIST when fd already has one, or -ENOMEM. */
 int bti_io_watch_add(bt_io *io, int fd, uint64_t tag);
-/* The fd watched under tag, or -ENOENT. */
-int bti_io_watch_find(const bt_io *io, uint64_t tag);
-/* Forget the watch tag (on fd, or any fd when fd < 0).  Returns its fd, or -ENOENT. */
+/* The live watch on fd, or NULL. */
+const bti_io_watch *bti_io_watch_get(const bt_io *io, int fd);
+/* Forget the watch on fd, which must have this tag: its generation, or -ENOENT. */
 int bti_io_watch_del(bt_io *io, int fd, uint64_t tag);
 /* Free the table (the backends call it from their close). */
 void bti_io_watch_fini(bt_io *io);
