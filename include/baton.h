@@ -423,7 +423,8 @@ int bt_sock_send_fds(int sock, const void *buf, size_t len, const int *fds, int 
 /*
  * Receive up to cap bytes and up to max_fds descriptors (close-on-exec).  *nfds gets how many arrived; the
  * caller owns them.  Descriptors beyond max_fds, or a truncated control message, are closed and reported as
- * -EMSGSIZE.  Returns bytes received (0 at end of stream) or -errno.
+ * -EMSGSIZE: then every descriptor of that message is closed, *nfds is 0 and its bytes are lost (treat it
+ * as a protocol error and drop the connection).  Returns bytes received (0 at end of stream) or -errno.
  */
 int bt_sock_recv_fds(int sock, void *buf, size_t cap, int *fds, int max_fds, int *nfds);
 
@@ -447,10 +448,17 @@ typedef struct bt_frame_reader bt_frame_reader;
 int bt_frame_reader_open(uint32_t max_payload, bt_frame_reader **out);
 void bt_frame_reader_close(bt_frame_reader *rd);
 
-/* read() once from fd into the buffer.  Bytes read, -EPIPE at end of stream, -EAGAIN, or -errno. */
+/*
+ * read() once from fd into the buffer.  Bytes read, -EPIPE at end of stream, -EAGAIN, -ENOBUFS when the
+ * buffer already holds 48 + max_payload bytes (take frames out first), or -errno.  After a stream error,
+ * fill and feed return that error too.
+ */
 int bt_frame_reader_fill(bt_frame_reader *rd, int fd);
 
-/* Append len bytes.  Returns len, or -ENOBUFS when they do not fit before frames are taken out. */
+/*
+ * Append len bytes, all or nothing.  Returns len, or -ENOBUFS when they do not fit before frames are taken
+ * out (after taking every complete frame out, at least one byte always fits).
+ */
 int bt_frame_reader_feed(bt_frame_reader *rd, const void *data, size_t len);
 
 /*
@@ -463,7 +471,8 @@ int bt_frame_reader_next(bt_frame_reader *rd, bt_frame_hdr *hdr, const void **pa
 /*
  * Batch form for callers that cross a language boundary: copy up to max_n whole frames (header and payload,
  * as on the wire) back to back into buf[0..cap), their sizes into lens.  Returns the count (0 when none is
- * complete) or a sticky stream error.
+ * complete), -ENOBUFS when the first complete frame does not fit in cap (it stays buffered; not sticky), or
+ * a sticky stream error (reported once the frames before it have been handed over).
  */
 int bt_frame_reader_drain(bt_frame_reader *rd, void *buf, size_t cap, uint32_t *lens, int max_n);
 
@@ -476,7 +485,7 @@ int bt_frame_reader_drain(bt_frame_reader *rd, void *buf, size_t cap, uint32_t *
 #define BT_IO_EPOLL 1
 #define BT_IO_URING 2
 
-#define BT_IO_EV_READABLE 1 /* the watched fd has bytes (or EOF) to read; result 0 */
+#define BT_IO_EV_READABLE 1 /* bytes (or EOF) arrived on the watched fd; result 0 */
 #define BT_IO_EV_SENT 2     /* a bt_io_send finished; result = bytes sent or -errno */
 #define BT_IO_EV_ERROR 3    /* the watch failed; result = -errno; the fd is no longer watched */
 
@@ -502,20 +511,32 @@ void bt_io_close(bt_io *io);
 /* BT_IO_EPOLL or BT_IO_URING. */
 int bt_io_backend(const bt_io *io);
 
-/* Report BT_IO_EV_READABLE with tag whenever fd has something to read, until bt_io_unwatch. */
+/*
+ * Report BT_IO_EV_READABLE with tag when fd is readable at watch time and each time bytes or EOF arrive,
+ * until bt_io_unwatch.  Arrival-triggered on both backends (io_uring multishot poll cannot repeat an event
+ * for bytes left unread, so epoll runs edge-triggered to match): after an event, read until -EAGAIN, or
+ * what is left is only reported with the next arrival.  An event may occasionally be repeated (a re-armed
+ * poll); a read then finds -EAGAIN.  One watch per fd (-EEXIST); -EBADF for a bad fd.  fd stays the
+ * caller's; unwatch before closing it.  bt_io_unwatch(fd, tag) takes effect at once -- no event of that
+ * watch is reported after it -- and returns -ENOENT when fd has no watch with this tag.
+ */
 int bt_io_watch(bt_io *io, int fd, uint64_t tag);
 int bt_io_unwatch(bt_io *io, int fd, uint64_t tag);
 
 /*
  * Queue a send of buf[0..len) on fd; completion is a BT_IO_EV_SENT event with tag.  buf must stay valid and
  * unchanged until then.  io_uring queues it for the next bt_io_wait (one syscall submits the batch); epoll
- * sends at once and reports the result at the next bt_io_wait.
+ * sends at once and reports the result at the next bt_io_wait.  Both send without waiting (MSG_DONTWAIT |
+ * MSG_NOSIGNAL): the result may be short, or -EAGAIN when the socket is full, or -EPIPE; a short or failed
+ * send leaves the stream out of step if later sends on that fd went out, so treat it as fatal for a framed
+ * connection or send at most one buffer per fd per wait.  len <= INT32_MAX.
  */
 int bt_io_send(bt_io *io, int fd, const void *buf, uint32_t len, uint64_t tag);
 
 /*
  * Submit what is queued and wait up to timeout_ms (-1 for ever, 0 to poll) for events; returns how many were
- * stored in evs[0..max).
+ * stored in evs[0..max) (0 on timeout; events beyond max wait for the next call), or -errno (-EINTR when a
+ * signal interrupted the wait).
  */
 int bt_io_wait(bt_io *io, bt_io_event *evs, int max, int timeout_ms);
 
