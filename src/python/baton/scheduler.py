@@ -169,6 +169,12 @@ class Scheduler:
         with self.store.write() as c:
             return self._enqueue(c, parsed, now, manifest_id=manifest_id)
 
+    def _enqueue_in(
+        self, c: sqlite3.Connection, specs: Sequence[TaskSpec | dict[str, Any]], *, manifest_id: str | None = None
+    ) -> list[EnqueueResult]:
+        """enqueue_many inside a transaction the caller already holds (the manifest importer's)."""
+        return self._enqueue(c, parse_specs(list(specs)), self.clock(), manifest_id=manifest_id)
+
     def _enqueue(
         self,
         c: sqlite3.Connection,
