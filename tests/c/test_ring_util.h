@@ -19,7 +19,8 @@ static inline uint32_t tr_len(uint64_t seq, uint32_t lo, uint32_t hi)
     return lo + (uint32_t)(tr_mix(seq ^ 0xA5A5A5A5ull) % (uint64_t)(hi - lo + 1));
 }
 
-/* Payload of record seq: the first 8 bytes (when they fit) are seq itself, the rest a keyed stream. */
+/* Payload of record seq: the first 8 bytes (when they fit) are seq itself, the rest a keyed stream, made
+ * 8 bytes at a time so checking 1M+ records stays cheap under ASan. */
 static inline void tr_fill(uint8_t *p, uint32_t len, uint64_t seq)
 {
     uint32_t i = 0;
@@ -28,21 +29,28 @@ static inline void tr_fill(uint8_t *p, uint32_t len, uint64_t seq)
         i = 8;
     }
     uint64_t s = tr_mix(seq);
-    for (; i < len; i++) {
-        if ((i & 7) == 0)
-            s = tr_mix(s + i);
-        p[i] = (uint8_t)(s >> ((i & 7) * 8));
+    for (; i < len; i += 8) {
+        s = tr_mix(s + i);
+        memcpy(p + i, &s, len - i < 8 ? len - i : 8);
     }
 }
 
 /* 1 when p[0..len) is exactly what tr_fill wrote for seq. */
 static inline int tr_check(const uint8_t *p, uint32_t len, uint64_t seq)
 {
-    uint8_t want[1u << 16];
-    if (len > sizeof(want))
-        return 0;
-    tr_fill(want, len, seq);
-    return memcmp(p, want, len) == 0;
+    uint32_t i = 0;
+    if (len >= 8) {
+        if (memcmp(p, &seq, 8) != 0)
+            return 0;
+        i = 8;
+    }
+    uint64_t s = tr_mix(seq);
+    for (; i < len; i += 8) {
+        s = tr_mix(s + i);
+        if (memcmp(p + i, &s, len - i < 8 ? len - i : 8) != 0)
+            return 0;
+    }
+    return 1;
 }
 
 #endif
