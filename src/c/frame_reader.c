@@ -14,9 +14,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-/* First allocation: big enough for many small frames per read(), small enough for thousands of idle
- * connections. */
-#define FRAME_READER_INITIAL 16384u
+/* First allocation: small, because thousands of agents may sit idle; a busy stream grows it (see fill). */
+#define FRAME_READER_INITIAL 1024u
 
 struct bt_frame_reader {
     uint8_t *buf;
@@ -25,7 +24,8 @@ struct bt_frame_reader {
     size_t rpos; /* first unconsumed byte */
     size_t wpos; /* one past the last buffered byte */
     uint32_t max_payload;
-    int err; /* sticky stream error (negative) or 0 */
+    int err;       /* sticky stream error (negative) or 0 */
+    int read_full; /* the last fill's read() took all the room offered: the stream outpaces the buffer */
 };
 
 static const uint8_t frame_reader_magic[4] = {0x42, 0x54, 0x4E, 0x31}; /* "BTN1" */
@@ -120,6 +120,10 @@ int bt_frame_reader_fill(bt_frame_reader *rd, int fd)
     size_t quarter = rd->size / 4;
     if (want < quarter)
         want = quarter;
+    /* The last read filled the buffer: ask for a whole buffer's worth, which doubles it (up to the cap),
+     * so a busy stream is read in few syscalls while an idle one keeps its small buffer. */
+    if (rd->read_full && want < rd->size)
+        want = rd->size;
     if (want > rd->cap - used)
         want = rd->cap - used;
     int rc = frame_reader_reserve(rd, want);
@@ -132,6 +136,7 @@ int bt_frame_reader_fill(bt_frame_reader *rd, int fd)
         ssize_t n = read(fd, rd->buf + rd->wpos, room);
         if (n > 0) {
             rd->wpos += (size_t)n;
+            rd->read_full = (size_t)n == room;
             return (int)n;
         }
         if (n == 0)

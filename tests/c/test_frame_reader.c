@@ -17,7 +17,8 @@
 #define BT_ASAN 1
 #endif
 #ifdef BT_ASAN
-#include <sanitizer/allocator_interface.h>
+/* From the sanitizer runtime (declared here: gcc installs no sanitizer headers). */
+size_t __sanitizer_get_current_allocated_bytes(void);
 static size_t heap_in_use(void) { return __sanitizer_get_current_allocated_bytes(); }
 #else
 /* Small blocks plus mmapped ones (a large buffer is mmapped by glibc and not in uordblks). */
