@@ -118,10 +118,14 @@ def test_sigkill_mid_transitions_leaves_store_intact(tmp_path, acks):
 
 CLAIMER = textwrap.dedent(
     """
-    import sys
+    import os, sys, time
     from baton.scheduler import Scheduler, SchedulerConfig
     sch = Scheduler(sys.argv[1], config=SchedulerConfig(wip_per_agent_type=None))
     total = int(sys.argv[2])
+    # Start line: report ready, then wait for the parent's go, so every process competes from the start.
+    open(sys.argv[1] + ".ready-" + sys.argv[3], "w").close()
+    while not os.path.exists(sys.argv[1] + ".go"):
+        time.sleep(0.001)
     got = []
     idle = 0
     while True:
@@ -153,6 +157,9 @@ def test_concurrent_claimers_in_separate_processes(tmp_path):
                          text=True, env=child_env())
         for k in range(4)
     ]
+    poll(lambda: all(os.path.exists(f"{db}.ready-p{k}") for k in range(4)) or any(p.poll() is not None for p in procs),
+         timeout=60, what="claimers to start")
+    open(f"{db}.go", "w").close()
     outs = []
     for p in procs:
         out, _ = p.communicate(timeout=90)
