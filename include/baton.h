@@ -535,8 +535,9 @@ int bt_io_send(bt_io *io, int fd, const void *buf, uint32_t len, uint64_t tag);
 
 /*
  * Submit what is queued and wait up to timeout_ms (-1 for ever, 0 to poll) for events; returns how many were
- * stored in evs[0..max) (0 on timeout; events beyond max wait for the next call), or -errno (-EINTR when a
- * signal interrupted the wait).
+ * stored in evs[0..max) (0 on timeout; events beyond max wait for the next call), or -errno.  -EINTR means
+ * a signal interrupted the wait -- or, with epoll, io_uring work pending on this thread from another ring --
+ * and nothing was lost: call again (after running signal handlers).
  */
 int bt_io_wait(bt_io *io, bt_io_event *evs, int max, int timeout_ms);
 

@@ -15,6 +15,15 @@
 
 static const char *bname;
 
+/* bt_io_wait, retried on -EINTR (epoll_wait reports pending io_uring task work of this thread that way). */
+static int io_wait(bt_io *io, bt_io_event *evs, int max, int timeout_ms)
+{
+    int n;
+    while ((n = bt_io_wait(io, evs, max, timeout_ms)) == -EINTR)
+        ;
+    return n;
+}
+
 static void pair(int sv[2])
 {
     CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
@@ -26,7 +35,7 @@ static bt_io_event wait_for(bt_io *io, uint64_t tag, int kind)
     uint64_t deadline = bt_now_ns() + (uint64_t)LONG_MS * 1000000u;
     while (bt_now_ns() < deadline) {
         bt_io_event evs[16];
-        int n = bt_io_wait(io, evs, 16, 100);
+        int n = io_wait(io, evs, 16, 100);
         CHECK(n >= 0);
         for (int i = 0; i < n; i++)
             if (evs[i].tag == tag && evs[i].kind == kind)
@@ -40,7 +49,7 @@ static bt_io_event wait_for(bt_io *io, uint64_t tag, int kind)
 static void expect_quiet(bt_io *io)
 {
     bt_io_event evs[8];
-    int n = bt_io_wait(io, evs, 8, QUIET_MS);
+    int n = io_wait(io, evs, 8, QUIET_MS);
     if (n != 0)
         fprintf(stderr, "%s: unexpected event tag %llu kind %d\n", bname, (unsigned long long)evs[0].tag,
                 evs[0].kind);
@@ -139,7 +148,7 @@ static void test_many_watches(bt_io *io)
         uint64_t deadline = bt_now_ns() + (uint64_t)LONG_MS * 1000000u;
         while (total < N / 2 && bt_now_ns() < deadline) {
             bt_io_event evs[7]; /* fewer than ready: the rest must wait for the next call, not be lost */
-            int n = bt_io_wait(io, evs, 7, 100);
+            int n = io_wait(io, evs, 7, 100);
             CHECK(n >= 0 && n <= 7);
             for (int k = 0; k < n; k++) {
                 CHECK_EQ(evs[k].kind, BT_IO_EV_READABLE);
@@ -176,7 +185,7 @@ static void test_batched_sends(bt_io *io)
     uint64_t deadline = bt_now_ns() + (uint64_t)LONG_MS * 1000000u;
     while (got < N && bt_now_ns() < deadline) {
         bt_io_event evs[N];
-        int n = bt_io_wait(io, evs, N, 1000);
+        int n = io_wait(io, evs, N, 1000);
         CHECK(n >= 0);
         for (int k = 0; k < n; k++) {
             CHECK_EQ(evs[k].kind, BT_IO_EV_SENT);
@@ -203,7 +212,7 @@ static void test_batched_sends(bt_io *io)
     int total = 0, calls = 0;
     while (total < 10 && calls < 100) {
         bt_io_event evs[3];
-        int n = bt_io_wait(io, evs, 3, 1000);
+        int n = io_wait(io, evs, 3, 1000);
         CHECK(n >= 0 && n <= 3);
         for (int k = 0; k < n; k++)
             CHECK_EQ(evs[k].tag, 300 + (uint64_t)total + (uint64_t)k); /* in submission order */
@@ -227,7 +236,7 @@ static void test_send_and_watch(bt_io *io)
     uint64_t deadline = bt_now_ns() + (uint64_t)LONG_MS * 1000000u;
     while ((!got_sent || !got_readable) && bt_now_ns() < deadline) {
         bt_io_event evs[4];
-        int n = bt_io_wait(io, evs, 4, 100);
+        int n = io_wait(io, evs, 4, 100);
         CHECK(n >= 0);
         for (int k = 0; k < n; k++) {
             if (evs[k].tag == 8) {
@@ -301,7 +310,7 @@ static void test_sq_overflow(bt_io *io)
     uint64_t deadline = bt_now_ns() + (uint64_t)LONG_MS * 1000000u;
     while (got < N && bt_now_ns() < deadline) {
         bt_io_event evs[64];
-        int n = bt_io_wait(io, evs, 64, 100);
+        int n = io_wait(io, evs, 64, 100);
         CHECK(n >= 0);
         for (int k = 0; k < n; k++)
             CHECK_EQ(evs[k].result, (int)sizeof(buf));
