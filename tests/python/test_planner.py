@@ -108,3 +108,33 @@ def test_split_conflicts_keeps_order_and_separates():
             for y in g[i + 1:]:
                 assert not scopes_overlap(scope.get(x, []), scope.get(y, []))
                 assert y not in conflicts.get(x, []) and x not in conflicts.get(y, [])
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_paths = st.sampled_from(["src", "src/a.py", "src/b.py", "src/sub/c.py", "src/sub", "docs/x.md", "docs",
+                          "src/*.py", "tests/t.py", "./src/a.py", "src/sub/", ""])
+
+
+@settings(max_examples=150, deadline=None)
+@given(scopes=st.lists(st.lists(_paths, max_size=3), min_size=1, max_size=12),
+       links=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11)), max_size=6),
+       solo=st.sets(st.integers(0, 11), max_size=2))
+def test_split_conflicts_never_pairs_overlaps(scopes, links, solo):
+    ids = [f"t{i}" for i in range(len(scopes))]
+    fs = dict(zip(ids, scopes))
+    cw: dict[str, list[str]] = {}
+    for a, b in links:
+        if a < len(ids) and b < len(ids) and a != b:
+            cw.setdefault(ids[a], []).append(ids[b])
+    solo_ids = {ids[i] for i in solo if i < len(ids)}
+    out = split_conflicts([ids], fs, cw, solo=solo_ids)
+    assert sorted(x for g in out for x in g) == sorted(ids) and all(out)
+    for g in out:
+        if any(x in solo_ids for x in g):
+            assert len(g) == 1
+        for i, x in enumerate(g):
+            for y in g[i + 1:]:
+                assert not scopes_overlap(fs[x], fs[y]), (x, fs[x], y, fs[y])
+                assert y not in cw.get(x, []) and x not in cw.get(y, [])

@@ -206,6 +206,72 @@ def scopes_overlap(a: Sequence[str], b: Sequence[str]) -> bool:
     return False
 
 
+def _is_glob(p: str) -> bool:
+    return any(ch in p for ch in "*?[")
+
+
+def _ancestors(p: str) -> list[str]:
+    parts = p.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+class _Group:
+    """One conflict-free sub-batch, indexed so that testing a candidate costs O(its own scope), not O(group)."""
+
+    __slots__ = ("members", "paths", "prefixes", "globs", "conflicts", "solo", "everything")
+
+    def __init__(self) -> None:
+        self.members: list[str] = []
+        self.paths: set[str] = set()  # exact (normalised) paths and directories
+        self.prefixes: set[str] = set()  # every ancestor directory of those
+        self.globs: list[str] = []
+        self.conflicts: set[str] = set()  # ids that members declared conflicts with
+        self.solo = False
+        self.everything = False  # a member's scope is the whole tree ("" or ".")
+
+    def clashes(self, t: str, scope: list[str], mine: set[str]) -> bool:
+        if self.solo or t in self.conflicts or (mine and not mine.isdisjoint(self.members)):
+            return True
+        if not scope:
+            return False
+        if self.everything:
+            return True
+        for p in scope:
+            if p == "":
+                if self.paths or self.globs:
+                    return True
+                continue
+            if _is_glob(p):
+                if (
+                    self.globs
+                    or any(fnmatch.fnmatchcase(q, p) for q in self.paths)
+                    or any(a in self.paths for a in _ancestors(p))
+                ):
+                    # Two globs are treated as overlapping: deciding pattern intersection is not worth it.
+                    return True
+                continue
+            if p in self.paths or p in self.prefixes:
+                return True
+            if any(a in self.paths for a in _ancestors(p)):
+                return True
+            if any(fnmatch.fnmatchcase(p, g) for g in self.globs):
+                return True
+        return False
+
+    def add(self, t: str, scope: list[str], mine: set[str]) -> None:
+        self.members.append(t)
+        self.conflicts |= mine
+        for p in scope:
+            if p == "":
+                self.everything = True
+            elif _is_glob(p):
+                self.globs.append(p)
+                self.prefixes.update(_ancestors(p))
+            else:
+                self.paths.add(p)
+                self.prefixes.update(_ancestors(p))
+
+
 def split_conflicts(
     batches: list[list[str]],
     file_scope: Mapping[str, Sequence[str]],
@@ -223,24 +289,23 @@ def split_conflicts(
     out: list[list[str]] = []
     for batch in batches:
         items = sorted(batch, key=order_key) if order_key else list(batch)
-        groups: list[list[str]] = []
+        groups: list[_Group] = []
         for t in items:
-            if t in solo:
-                groups.append([t])
-                continue
-            scope = file_scope.get(t, ())
+            scope = [_norm(x) for x in file_scope.get(t, ())]
             mine = set(conflicts_with.get(t, ()))
+            if t in solo:
+                g = _Group()
+                g.add(t, scope, mine)
+                g.solo = True
+                groups.append(g)
+                continue
             for g in groups:
-                if g[0] in solo:
-                    continue
-                if any(
-                    o in mine or t in conflicts_with.get(o, ()) or (scope and scopes_overlap(scope, file_scope.get(o, ())))
-                    for o in g
-                ):
-                    continue
-                g.append(t)
-                break
+                if not g.clashes(t, scope, mine):
+                    g.add(t, scope, mine)
+                    break
             else:
-                groups.append([t])
-        out.extend(g for g in groups if g)
+                g = _Group()
+                g.add(t, scope, mine)
+                groups.append(g)
+        out.extend(g.members for g in groups)
     return out
