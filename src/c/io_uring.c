@@ -15,12 +15,12 @@
 
 #include "io_internal.h"
 
-#include <fcntl.h>
 #include <liburing.h>
 #include <poll.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 enum { URING_WATCH = 1, URING_SEND = 2, URING_UNWATCH = 3 };
 
@@ -78,9 +78,13 @@ static int uring_arm(uring_be *u, int fd, uint32_t gen)
 static int uring_watch(bt_io *io, int fd, uint64_t tag)
 {
     uring_be *u = (uring_be *)io;
-    /* The poll would only fail at the next wait; a bad fd must fail here, as epoll_ctl does. */
-    if (fcntl(fd, F_GETFD) < 0)
+    /* Refuse here what epoll_ctl refuses (a bad fd; a regular file or directory, which is always "ready"),
+     * rather than at the next wait or never. */
+    struct stat st;
+    if (fstat(fd, &st) < 0)
         return -errno;
+    if (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode))
+        return -EPERM;
     int gen = bti_io_watch_add(io, fd, tag);
     if (gen < 0)
         return gen;

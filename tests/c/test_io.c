@@ -118,6 +118,12 @@ static void test_watch_errors(bt_io *io)
     int closed = dup(p[0]);
     close(closed);
     CHECK_EQ(bt_io_watch(io, closed, 4), -EBADF);
+    char tmpl[] = "/tmp/bt-io-XXXXXX";
+    int reg = mkstemp(tmpl);
+    CHECK(reg >= 0);
+    unlink(tmpl);
+    CHECK_EQ(bt_io_watch(io, reg, 5), -EPERM); /* always "ready": refused by both backends */
+    close(reg);
     /* The largest tag survives the round trip through io_uring's user_data. */
     CHECK_EQ(bt_io_watch(io, p[0], BT_IO_TAG_MAX), 0);
     CHECK_EQ(write(p[1], "x", 1), 1);
