@@ -271,6 +271,8 @@ class Ring:
 
 
 _EAGAIN = errno.EAGAIN
+_EINTR = errno.EINTR
+_ENOBUFS = errno.ENOBUFS
 _ETIMEDOUT = errno.ETIMEDOUT
 
 
@@ -326,15 +328,15 @@ class FrameReader:
     """Validated frames from a byte stream (C reader).  After a stream error every call raises it again:
     the connection cannot be resynchronised and must be closed."""
 
-    __slots__ = ("_rd", "_buf", "_buf_len", "_lens", "_view")
+    __slots__ = ("_rd", "_buf", "_buf_len", "_lens", "_view", "_limit")
 
     def __init__(self, max_payload: int = 0, batch: int = 256) -> None:
         _require()
         out = ffi.new("bt_frame_reader **")
         check(lib.bt_frame_reader_open(max_payload, out), "frame reader")
         self._rd = out[0]
-        limit = max_payload or lib.BT_FRAME_MAX_PAYLOAD_DEFAULT
-        self._buf_len = int(min(limit, 1 << 20) + lib.BT_FRAME_HEADER_SIZE)
+        self._limit = int((max_payload or lib.BT_FRAME_MAX_PAYLOAD_DEFAULT) + lib.BT_FRAME_HEADER_SIZE)
+        self._buf_len = min(self._limit, 64 * 1024)
         self._buf = ffi.new("char[]", self._buf_len)
         self._view = ffi.buffer(self._buf)
         self._lens = ffi.new("uint32_t[]", batch)
@@ -353,11 +355,14 @@ class FrameReader:
         """Every complete frame (header and payload as on the wire) buffered so far."""
         out: list[bytes] = []
         while True:
-            n = check(
-                lib.bt_frame_reader_drain(self._rd, self._buf, self._buf_len, self._lens, len(self._lens)),
-                "decode frames",
-            )
-            if n == 0:
+            n = lib.bt_frame_reader_drain(self._rd, self._buf, self._buf_len, self._lens, len(self._lens))
+            if n == -_ENOBUFS and self._buf_len < self._limit:
+                # A frame larger than the buffer: grow once to the largest frame the reader can hold.
+                self._buf_len = self._limit
+                self._buf = ffi.new("char[]", self._buf_len)
+                self._view = ffi.buffer(self._buf)
+                continue
+            if check(n, "decode frames") == 0:
                 return out
             off = 0
             for i in range(n):
@@ -419,7 +424,10 @@ class IoEngine:
 
     def wait(self, timeout_ms: int = -1) -> list[tuple[int, int, int]]:
         """Submit queued work and wait for events: a list of (tag, kind, result)."""
-        n = check(lib.bt_io_wait(self._io, self._events, len(self._events), timeout_ms), "wait for I/O")
+        n = lib.bt_io_wait(self._io, self._events, len(self._events), timeout_ms)
+        if n == -_EINTR:  # a signal (or epoll's spurious wake after io_uring use): nothing happened
+            return []
+        check(n, "wait for I/O")
         out = []
         for i in range(n):
             ev = self._events[i]
