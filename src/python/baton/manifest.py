@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from baton.models import RISK_RANK, ExecutionPlan, Risk, Status
-from baton.planner import build_plan, split_conflicts, topological_batches
+from baton.planner import build_plan, gc_paused, split_conflicts, topological_batches
 from baton.scheduler import Scheduler
 from baton.scheduler_errors import ManifestError, TaskValidationError
 from baton.store import chunked
@@ -393,6 +393,18 @@ def import_manifest(
     and reports tasks that differ from, or are missing compared with, the previous import: stored tasks are
     kept exactly as submitted, so changing one means cancelling it and adding a new task.
     """
+    with gc_paused():
+        return _import(scheduler, source, base_dir, manifest_id, agent_type, wip_limit)
+
+
+def _import(
+    scheduler: Scheduler,
+    source: str | bytes | Path | Mapping[str, Any] | Sequence[Any],
+    base_dir: str | Path | None,
+    manifest_id: str | None,
+    agent_type: str,
+    wip_limit: int | None,
+) -> ImportResult:
     m, mid, canon, raw_tasks = parse_manifest(source, manifest_id=manifest_id)
     if base_dir is None:
         base_dir = source.parent if isinstance(source, Path) else Path.cwd()

@@ -54,7 +54,7 @@ from baton.scheduler_errors import (
     UnknownPrerequisite,
     UnknownTask,
 )
-from baton.store import TaskStore, chunked
+from baton.store import TaskStore, chunked, insert_many
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
@@ -62,6 +62,17 @@ log = logging.getLogger("baton.scheduler")
 
 _TERMINAL_VALUES: Final = frozenset(s.value for s in TERMINAL)
 _FAILED_VALUES: Final = frozenset({Status.FAILED.value, Status.CANCELLED.value, Status.DEAD_LETTERED.value})
+# Status values as plain str constants: Status.X.value goes through the enum descriptor (~0.5 us) and these
+# are compared in per-task loops.
+_PENDING: Final = Status.PENDING.value
+_READY: Final = Status.READY.value
+_RUNNING: Final = Status.RUNNING.value
+_BLOCKED: Final = Status.BLOCKED.value
+_COMPLETED: Final = Status.COMPLETED.value
+_CANCELLED: Final = Status.CANCELLED.value
+_DEAD_LETTERED: Final = Status.DEAD_LETTERED.value
+_FAILED: Final = Status.FAILED.value
+_STATUS: Final = {s.value: s for s in Status}  # value -> member without Status(value)'s lookup machinery
 _PACK = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -204,7 +215,7 @@ class Scheduler:
             if k is not None:
                 if k in known:
                     tid, st = known[k]
-                    results[i] = EnqueueResult(task_id=tid, created=False, status=Status(st))
+                    results[i] = EnqueueResult.model_construct(task_id=tid, created=False, status=_STATUS[st])
                     continue
                 if k in batch_keys:
                     continue  # resolved once the first holder of the key has an id
@@ -260,23 +271,23 @@ class Scheduler:
             s = spec_of[tid]
             pol = s.on_prerequisite_failure or policy_default
             u = 0
-            st = Status.PENDING.value
+            st = _PENDING
             why: str | None = None
             for p in s.prerequisites:
                 pst = status[p] if p in in_batch else ext[p][0]
-                if pst == Status.COMPLETED.value:
+                if pst == _COMPLETED:
                     continue
                 if pst in _FAILED_VALUES:
                     if pol is DependentPolicy.PROCEED:
                         continue
                     if pol is DependentPolicy.CANCEL:
-                        st, why = Status.CANCELLED.value, f"prerequisite {p} is {pst}"
+                        st, why = _CANCELLED, f"prerequisite {p} is {pst}"
                         break
-                    st = Status.BLOCKED.value
+                    st = _BLOCKED
                     why = why or f"prerequisite {p} is {pst}"
                 u += 1
-            if st == Status.PENDING.value and u == 0:
-                st = Status.READY.value
+            if st == _PENDING and u == 0:
+                st = _READY
             status[tid], unmet[tid], reason[tid] = st, u, why
 
         # Downstream depth inside the batch (reverse topological order).
@@ -294,11 +305,11 @@ class Scheduler:
             deadline = _ts(s.deadline)
             est = s.estimated_duration_s or 0.0
             static = prio.static_score(w, s.base_priority, depth[tid], s.source)
-            ready = st == Status.READY.value
+            ready = st == _READY
             rank = (
                 static + w.urgency * prio.urgency(w, deadline, est, now) - rate * now if ready else 0.0
             )
-            terminal = st == Status.CANCELLED.value
+            terminal = st == _CANCELLED
             rows.append(
                 (
                     tid, st, s.agent_type, s.source, s.base_priority, s.risk.value,
@@ -306,20 +317,13 @@ class Scheduler:
                     deadline, prio.NO_DEADLINE if deadline is None else deadline, est,
                     depth[tid], static, rank, unmet[tid], s.max_attempts, s.timeout_s, s.idempotency_key,
                     now, now, now if ready else None, now if terminal else None,
-                    reason[tid] if st == Status.BLOCKED.value else None,
+                    reason[tid] if st == _BLOCKED else None,
                     reason[tid] if terminal else None,
                     _pack_spec(s), encode_payload(s.input),
                     requeued_from.get(tid) if requeued_from else None, manifest_id,
                 )
             )
-        c.executemany(
-            "INSERT INTO tasks (id, status, agent_type, source, base_priority, risk, policy, deadline,"
-            " deadline_sort, estimate, depth, static_score, rank, unmet, max_attempts, timeout,"
-            " idempotency_key, created_at, updated_at, ready_at, finished_at, blocked_reason, error, spec, input,"
-            " requeued_from, manifest_id)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            rows,
-        )
+        insert_many(c, "tasks", _INSERT_COLS, rows)
         edges = [(tid, p) for _, s, tid in new for p in s.prerequisites]
         if edges:
             c.executemany("INSERT INTO deps (task_id, prereq_id) VALUES (?, ?)", edges)
@@ -333,12 +337,12 @@ class Scheduler:
                 self._raise_depths(c, bumps, now)
 
         for i, _, tid in new:
-            results[i] = EnqueueResult(task_id=tid, created=True, status=Status(status[tid]))
+            results[i] = EnqueueResult.model_construct(task_id=tid, created=True, status=_STATUS[status[tid]])
         for i, s in enumerate(specs):
             if results[i] is None:  # repeated idempotency key inside the batch
                 first = results[batch_keys[s.idempotency_key]]  # type: ignore[index]
                 assert first is not None
-                results[i] = EnqueueResult(task_id=first.task_id, created=False, status=first.status)
+                results[i] = EnqueueResult.model_construct(task_id=first.task_id, created=False, status=first.status)
         return [r for r in results if r is not None]
 
     @staticmethod
@@ -383,7 +387,7 @@ class Scheduler:
                 continue
             _, st, base, source, deadline, est, ready_at = row
             static = prio.static_score(w, base, d, source)
-            if st == Status.READY.value:
+            if st == _READY:
                 rank = prio.rank_key(w, static, deadline, est, ready_at, now)
                 c.execute("UPDATE tasks SET depth = ?, static_score = ?, rank = ? WHERE id = ?", (d, static, rank, tid))
             else:
@@ -423,7 +427,7 @@ class Scheduler:
                     c.execute("UPDATE tasks SET status = 'pending', ready_at = NULL WHERE id = ?", (task_id,))
                     st = Status.PENDING
                 self._raise_depths(c, {prereq_id: depth + 1}, now)
-            elif pst != Status.COMPLETED.value:
+            elif pst != _COMPLETED:
                 c.execute("UPDATE tasks SET unmet = unmet + 1 WHERE id = ?", (task_id,))
                 self._apply_policy_one(c, task_id, st, pol, prereq_id, pst, now, deque())
                 st = Status(c.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()[0])
@@ -527,7 +531,7 @@ class Scheduler:
         ).fetchone()
         if row is None:
             raise UnknownTask(f"no task {task_id!r}")
-        if row[0] != Status.RUNNING.value:
+        if row[0] != _RUNNING:
             if row[0] in _TERMINAL_VALUES:
                 raise InvalidTransition(f"task {task_id} is {row[0]}; terminal states never change")
             raise StaleLease(f"task {task_id} is {row[0]}, not running under token {token}")
@@ -646,7 +650,7 @@ class Scheduler:
                 if cur is None:
                     rejected[tid] = f"no task {tid!r}"
                     self._last_reject = (UnknownTask, rejected[tid])
-                elif cur[0] != Status.RUNNING.value:
+                elif cur[0] != _RUNNING:
                     term = cur[0] in _TERMINAL_VALUES
                     rejected[tid] = (
                         f"task {tid} is {cur[0]}" + ("; terminal states never change" if term else ", not running")
@@ -665,7 +669,8 @@ class Scheduler:
                     ok,
                 )
             released = self._release(c, applied, now) if applied else []
-        return BatchOutcome(applied=applied, rejected=rejected, released=released)
+        # model_construct: built right here from our own rows (lists of str ids); validation would only cost.
+        return BatchOutcome.model_construct(applied=applied, rejected=rejected, released=released)
 
     def _release(self, c: sqlite3.Connection, satisfied: Sequence[str], now: float) -> list[str]:
         """Count ``satisfied`` prerequisites off their dependents; the ones left with none become ready."""
@@ -763,7 +768,7 @@ class Scheduler:
                 "SELECT t.id, t.status, t.policy FROM deps d JOIN tasks t ON t.id = d.task_id WHERE d.prereq_id = ?",
                 (pid,),
             ).fetchall():
-                if st in _TERMINAL_VALUES or st == Status.RUNNING.value:
+                if st in _TERMINAL_VALUES or st == _RUNNING:
                     continue  # finished, or already running (it was released by an earlier 'proceed')
                 if self._apply_policy_one(c, dep, Status(st), DependentPolicy(pol), pid, pst, now, work):
                     cancelled.append(dep)
@@ -796,7 +801,7 @@ class Scheduler:
                 " blocked_reason = NULL WHERE id = ?",
                 (f"prerequisite {pid} is {pst}", now, now, dep),
             )
-            work.append((dep, Status.CANCELLED.value))
+            work.append((dep, _CANCELLED))
             return True
         check_transition(dep, st, Status.BLOCKED) if st is not Status.BLOCKED else None
         c.execute(
@@ -827,7 +832,7 @@ class Scheduler:
             if row is None:
                 raise UnknownTask(f"no task {task_id!r}")
             st, spec_blob, input_blob, already = row
-            if st != Status.DEAD_LETTERED.value:
+            if st != _DEAD_LETTERED:
                 raise InvalidTransition(f"task {task_id} is {st}, not dead_lettered")
             if already is not None:
                 cur = c.execute("SELECT status FROM tasks WHERE id = ?", (already,)).fetchone()
@@ -914,7 +919,7 @@ class Scheduler:
                         (now, now, f"cancelled with prerequisite {task_id}", *part),
                     )
             else:
-                cascaded = self._apply_policies(c, [(task_id, Status.CANCELLED.value)], now)
+                cascaded = self._apply_policies(c, [(task_id, _CANCELLED)], now)
             return CancelResult(
                 cancelled_task_id=task_id, cascaded_task_ids=cascaded, total_cancelled=1 + len(cascaded),
                 dry_run=False, changed=True, message=f"cancelled {task_id} and {len(cascaded)} dependent(s)",
@@ -955,7 +960,7 @@ class Scheduler:
                 "SELECT t.id, t.status, t.policy FROM deps d JOIN tasks t ON t.id = d.task_id WHERE d.prereq_id = ?",
                 (pid,),
             ).fetchall():
-                if dep in seen or st in _TERMINAL_VALUES or st == Status.RUNNING.value:
+                if dep in seen or st in _TERMINAL_VALUES or st == _RUNNING:
                     continue
                 if pol == DependentPolicy.CANCEL.value:
                     seen.add(dep)
@@ -1021,7 +1026,7 @@ class Scheduler:
         d["id"] = tid
         d["input"] = decode_payload(input_blob)
         d["acceptance_criteria"] = [{"id": a, "text": b} for a, b in d["acceptance_criteria"]]
-        aging_from = ready_at if st == Status.READY.value else None
+        aging_from = ready_at if st == _READY else None
         bd = prio.explain(
             self._w, base_priority=base, depth=depth, source=source, deadline=deadline, estimate=est,
             ready_at=aging_from, now=now,
@@ -1052,16 +1057,16 @@ class Scheduler:
                 "SELECT d.task_id, d.prereq_id, p.status FROM deps d JOIN tasks t ON t.id = d.task_id"
                 " JOIN tasks p ON p.id = d.prereq_id WHERE t.status IN ('pending', 'blocked')"
             ):
-                if pst != Status.COMPLETED.value:
+                if pst != _COMPLETED:
                     waiting_on.setdefault(tid, []).append(f"{p} ({pst})")
             for tid, st, at, nb, blocked in c.execute(
                 "SELECT id, status, agent_type, not_before, blocked_reason FROM tasks"
                 " WHERE status IN ('pending', 'ready', 'blocked')"
             ):
-                if st == Status.PENDING.value:
+                if st == _PENDING:
                     w = waiting_on.get(tid)
                     out[tid] = "waiting on prerequisites: " + ", ".join(sorted(w)) if w else "pending release"
-                elif st == Status.BLOCKED.value:
+                elif st == _BLOCKED:
                     out[tid] = f"blocked: {blocked}"
                 elif nb > now:
                     out[tid] = f"retry backoff until {_dt(nb).isoformat()}"  # type: ignore[union-attr]
@@ -1107,13 +1112,21 @@ class Scheduler:
         estimates = {t: (est[t] if est[t] > 0 else default_estimate_s) for t in live}
         return build_plan(
             estimates, prereqs, wip_limit=wip_limit,
-            external_done={p for p, s in ext_status.items() if s == Status.COMPLETED.value},
+            external_done={p for p, s in ext_status.items() if s == _COMPLETED},
             skipped_terminal=skipped,
         )
 
 
 # Only 999 host parameters are guaranteed everywhere; queries that add their own parameters use this bound.
 SQL_VARS_WITH_NOW: Final = 30000 - 8
+
+# Column order of the rows _enqueue builds.
+_INSERT_COLS: Final = (
+    "id", "status", "agent_type", "source", "base_priority", "risk", "policy", "deadline", "deadline_sort",
+    "estimate", "depth", "static_score", "rank", "unmet", "max_attempts", "timeout", "idempotency_key",
+    "created_at", "updated_at", "ready_at", "finished_at", "blocked_reason", "error", "spec", "input",
+    "requeued_from", "manifest_id",
+)
 
 _TASK_COLS: Final = (
     "id, status, base_priority, source, deadline, estimate, depth, ready_at, attempts, created_at, updated_at,"
