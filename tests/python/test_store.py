@@ -122,3 +122,17 @@ def test_closed_store_raises(tmp_path):
     st.close()
     with pytest.raises(RuntimeError, match="closed"):
         st.conn
+
+
+def test_insert_many_writes_all_null_columns_as_null(tmp_path):
+    from baton.store import insert_many
+
+    c = sqlite3.connect(tmp_path / "i.db", isolation_level=None)
+    c.execute("CREATE TABLE t (a TEXT, b INTEGER DEFAULT 7, c BLOB, d REAL)")
+    insert_many(c, "t", ("a", "b", "c", "d"), [("x", None, b"\x00", None), ("y", None, None, 1.5)])
+    insert_many(c, "t", ("a", "b", "c", "d"), [])
+    insert_many(c, "t", ("a", "b", "c", "d"), [("z", 1, b"", 0.0)])
+    assert c.execute("SELECT a, b, c, d FROM t ORDER BY a").fetchall() == [
+        ("x", None, b"\x00", None), ("y", None, None, 1.5), ("z", 1, b"", 0.0),
+    ]
+    c.close()

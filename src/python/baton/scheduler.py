@@ -11,10 +11,10 @@ testable without sleeping; jitter comes from an injectable ``random.Random``.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sqlite3
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,7 +101,12 @@ class SchedulerConfig:
 
 
 def _new_id() -> str:
-    return uuid.uuid4().hex
+    """``uuid.uuid4().hex`` without the UUID object (5 us -> under 1 us per generated id): 16 random bytes
+    with the version-4 and RFC 4122 variant bits set, as uuid4 does."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    return b.hex()
 
 
 def _ts(dt: datetime | None) -> float | None:
@@ -215,7 +220,7 @@ class Scheduler:
             if k is not None:
                 if k in known:
                     tid, st = known[k]
-                    results[i] = EnqueueResult.model_construct(task_id=tid, created=False, status=_STATUS[st])
+                    results[i] = EnqueueResult(task_id=tid, created=False, status=_STATUS[st])
                     continue
                 if k in batch_keys:
                     continue  # resolved once the first holder of the key has an id
@@ -337,12 +342,12 @@ class Scheduler:
                 self._raise_depths(c, bumps, now)
 
         for i, _, tid in new:
-            results[i] = EnqueueResult.model_construct(task_id=tid, created=True, status=_STATUS[status[tid]])
+            results[i] = EnqueueResult(task_id=tid, created=True, status=_STATUS[status[tid]])
         for i, s in enumerate(specs):
             if results[i] is None:  # repeated idempotency key inside the batch
                 first = results[batch_keys[s.idempotency_key]]  # type: ignore[index]
                 assert first is not None
-                results[i] = EnqueueResult.model_construct(task_id=first.task_id, created=False, status=first.status)
+                results[i] = EnqueueResult(task_id=first.task_id, created=False, status=first.status)
         return [r for r in results if r is not None]
 
     @staticmethod
