@@ -497,15 +497,27 @@ int bt_ring_wait(bt_ring *r, uint64_t timeout_ns)
     int rc = ring_ready(r);
     if (rc != 0)
         return rc;
-    uint64_t start = bt_now_ns();
+    /* Spin: the common case when the producer is busy, and the only one without syscalls on either side.
+     * Only the record's size word is polled, a line the producer writes anyway.  The clock and the closed
+     * flag are looked at once per RING_SPIN_CLOCK_EVERY polls, and not at all when the record arrives
+     * within the first ones: a clock read costs as much as a cross-core hop, and the closed flag shares the
+     * producer's line with tail, so polling it would take that line away from every publish. */
+    int spin = r->spin_ns > 0 && timeout_ns > 0;
+    if (spin) {
+        for (int i = 0; i < RING_SPIN_CLOCK_EVERY; i++) {
+            ring_cpu_relax();
+            rc = ring_ready(r);
+            if (rc != 0)
+                return rc;
+        }
+    }
+    uint64_t start = bt_now_ns(), now = start;
     uint64_t deadline = timeout_ns > UINT64_MAX - start ? UINT64_MAX : start + timeout_ns;
     uint64_t spin_end = r->spin_ns > UINT64_MAX - start ? UINT64_MAX : start + r->spin_ns;
     if (spin_end > deadline)
         spin_end = deadline;
-    uint64_t now = start;
-    /* Spin: the common case when the producer is busy, and the only one without syscalls on either side.
-     * Only the record's size word is polled, a line the producer writes anyway. */
-    while (now < spin_end) {
+    /* Closed or dead ends the spin early, however long the budget; the park loop below then reports it. */
+    while (spin && now < spin_end && !ring_gone(r, now)) {
         for (int i = 0; i < RING_SPIN_CLOCK_EVERY; i++) {
             ring_cpu_relax();
             rc = ring_ready(r);

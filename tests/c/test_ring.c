@@ -236,6 +236,11 @@ static void test_close_wait(void)
     CHECK_EQ(bt_ring_read_wait(c, buf, sizeof(buf), lens, 8, UINT64_MAX), 1);
     CHECK(tr_check(buf, 20, 2));
     CHECK_EQ(bt_ring_wait(c, UINT64_MAX), -EPIPE);
+    /* However long the spin budget, a closed ring ends the spin. */
+    bt_ring_set_spin(c, 3600ull * 1000000000ull);
+    t0 = bt_now_ns();
+    CHECK_EQ(bt_ring_wait(c, 30ull * 1000000000ull), -EPIPE);
+    CHECK(bt_now_ns() - t0 < 5000000000ull);
     CHECK_EQ(bt_ring_read_wait(c, buf, sizeof(buf), lens, 8, 0), -EPIPE);
     CHECK_EQ(bt_ring_read_batch(c, buf, sizeof(buf), lens, 8), -EAGAIN);
     bt_ring_close(c);

@@ -135,7 +135,8 @@ static void test_killed_producer(void)
     *committed = 0;
     bt_ring *c;
     CHECK_EQ(bt_ring_create(1u << 14, BT_RING_CONSUMER, 2, &c), 0);
-    bt_ring_set_spin(c, 5000);
+    /* A spin budget longer than the wait: death must end the spin, not the budget or the time-out. */
+    bt_ring_set_spin(c, 3600ull * 1000000000ull);
     pid_t parent = getpid();
     pid_t pid = fork();
     CHECK(pid >= 0);
