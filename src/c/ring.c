@@ -573,3 +573,11 @@ int bt_ring_read_wait(bt_ring *r, void *buf, size_t cap, uint32_t *lens, int max
         return rc;
     return bt_ring_read_batch(r, buf, cap, lens, max_n);
 }
+
+int bt_ring_exchange(bt_ring *out, const void *data, uint32_t len, bt_ring *in, const bt_ring_batch *dst)
+{
+    int rc = bt_ring_write(out, data, len);
+    if (rc < 0)
+        return rc;
+    return bt_ring_read_wait(in, dst->buf, dst->cap, dst->lens, dst->max_n, dst->timeout_ns);
+}

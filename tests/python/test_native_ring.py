@@ -223,3 +223,20 @@ def test_fd_passing_and_peer_credentials(sock_path: str) -> None:
         listener.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_exchange_writes_then_reads_in_one_call() -> None:
+    with (
+        native.Ring.create(4096, native.PRODUCER) as req_p,
+        native.Ring.attach(req_p.fd, native.CONSUMER) as req_c,
+        native.Ring.create(4096, native.PRODUCER) as rsp_p,
+        native.Ring.attach(rsp_p.fd, native.CONSUMER) as rsp_c,
+    ):
+        assert rsp_c.exchange(req_p, b"ask", timeout=0.001) == 0  # no answer yet: written, then timed out
+        assert req_c.read_batch() == [b"ask"]
+        rsp_p.write(b"answer")
+        assert rsp_c.exchange(req_p, b"ask again") == 1
+        assert bytes(rsp_c.buffer[: rsp_c.lengths[0]]) == b"answer"
+        assert req_c.read_batch() == [b"ask again"]
+        with pytest.raises(errors.FrameTooLarge):
+            rsp_c.exchange(req_p, b"x" * 4096)

@@ -87,6 +87,15 @@ int bt_ring_write_batch(bt_ring *r, const char *buf, const uint32_t *lens, int n
 int bt_ring_read_batch(bt_ring *r, void *buf, size_t cap, uint32_t *lens, int max_n);
 int bt_ring_wait(bt_ring *r, uint64_t timeout_ns);
 int bt_ring_read_wait(bt_ring *r, void *buf, size_t cap, uint32_t *lens, int max_n, uint64_t timeout_ns);
+typedef struct bt_ring_batch {
+    void *buf;
+    size_t cap;
+    uint32_t *lens;
+    int32_t max_n;
+    uint64_t timeout_ns;
+    ...;
+} bt_ring_batch;
+int bt_ring_exchange(bt_ring *out, const char *data, uint32_t len, bt_ring *in, const bt_ring_batch *dst);
 
 int bt_sock_listen(const char *path, int backlog);
 int bt_sock_connect(const char *path);

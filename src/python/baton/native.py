@@ -126,6 +126,7 @@ if AVAILABLE:  # bound once: module globals are cheaper than two attribute looku
     _ring_write = lib.bt_ring_write
     _ring_read_batch = lib.bt_ring_read_batch
     _ring_read_wait = lib.bt_ring_read_wait
+    _ring_exchange = lib.bt_ring_exchange
 
 
 class Ring:
@@ -135,7 +136,7 @@ class Ring:
     batches into a buffer it reuses, so one call moves up to ``max_batch`` records.
     """
 
-    __slots__ = ("_r", "role", "_buf", "_buf_len", "_lens", "_max_batch", "_view")
+    __slots__ = ("_r", "role", "_buf", "_buf_len", "_lens", "_max_batch", "_view", "_batch", "_batch_timeout")
 
     def __init__(self, handle: Any, role: int, max_batch: int = 256) -> None:
         self._r = handle
@@ -149,6 +150,10 @@ class Ring:
         self._view = ffi.buffer(self._buf)
         self._lens = ffi.new("uint32_t[]", max_batch)
         self._max_batch = max_batch
+        self._batch = ffi.new("bt_ring_batch *")  # the same destination, described once for exchange()
+        self._batch.buf, self._batch.cap, self._batch.lens = self._buf, self._buf_len, self._lens
+        self._batch.max_n, self._batch.timeout_ns = max_batch, WAIT_FOREVER
+        self._batch_timeout: float | None = None
 
     @classmethod
     def create(cls, capacity: int = 1 << 20, role: int = PRODUCER, generation: int = 0) -> Ring:
@@ -245,6 +250,23 @@ class Ring:
                 return 0
             raise error_from_errno(-rc, "ring read")
         return int(rc)
+
+    def exchange(self, out: Ring, data: bytes, timeout: float | None = None) -> int:
+        """Write data to ``out``, then wait on this (consumer) ring and read a batch into ``buffer``: one
+        native call per round trip.  Returns the count read (0 on timeout); RingFull or FrameTooLarge when the
+        write cannot happen, and then nothing is read."""
+        r, o = self._r, out._r
+        if r is None or o is None:
+            raise BatonError("ring is closed")
+        if timeout != self._batch_timeout:  # reading the cdata field back would cost more than the call
+            self._batch.timeout_ns = WAIT_FOREVER if timeout is None else _timeout_ns(timeout)
+            self._batch_timeout = timeout
+        rc: int = _ring_exchange(o, data, len(data), r, self._batch)
+        if rc < 0:
+            if rc in (-_EAGAIN, -_ETIMEDOUT):
+                return 0
+            raise error_from_errno(-rc, "ring exchange")
+        return rc
 
     @property
     def buffer(self) -> Any:
