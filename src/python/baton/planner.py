@@ -41,24 +41,25 @@ def _index_graph(
     """Translate the string-keyed graph to list positions once, so every later pass works on ints and lists
     (dict lookups by string dominated the planner's profile).  Returns (in-set prerequisites, children,
     in-degree, positions of tasks with prerequisites outside ``ids``), indexed by position in ``ids``."""
-    pos = {t: i for i, t in enumerate(ids)}
-    get = pos.get
-    pre: list[list[int]] = []
-    children: list[list[int]] = [[] for _ in ids]
-    indeg = [0] * len(ids)
+    pos = dict(zip(ids, range(len(ids))))
+    given = list(map(prereqs.get, ids))
     outside: list[int] = []
-    empty: tuple[str, ...] = ()
-    for i, t in enumerate(ids):
-        given = prereqs.get(t, empty)
-        try:
-            mine = [pos[p] for p in given]  # the common case: every prerequisite is in the set
-        except KeyError:
-            mine = [j for j in map(get, given) if j is not None]
-            outside.append(i)
+    try:  # the common case, every prerequisite in the set: one C-level map per task
+        getp = pos.__getitem__
+        pre = [list(map(getp, g)) if g else [] for g in given]
+    except KeyError:
+        get = pos.get
+        pre = []
+        for i, g in enumerate(given):
+            mine = [j for j in map(get, g or ()) if j is not None]
+            if len(mine) != len(g or ()):
+                outside.append(i)
+            pre.append(mine)
+    children: list[list[int]] = [[] for _ in ids]
+    for i, mine in enumerate(pre):
         for j in mine:
             children[j].append(i)
-        indeg[i] = len(mine)
-        pre.append(mine)
+    indeg = list(map(len, pre))
     return pre, children, indeg, outside
 
 
@@ -161,9 +162,11 @@ def _build_plan(
     n = len(ids)
     finish = [0.0] * n
     fget = finish.__getitem__
+    # (``max(..., default=)`` is avoided: parsing the keyword costs more than the max itself.)
     for level in levels:
         for i in level:
-            f0 = max(map(fget, pre[i]), default=0.0)
+            p = pre[i]
+            f0 = max(map(fget, p)) if p else 0.0
             finish[i] = (f0 if f0 > 0.0 else 0.0) + est[i]
     path: list[str] = []
     cp_len = 0.0
@@ -212,7 +215,8 @@ def _simulate(
     bget = bottom.__getitem__
     for level in reversed(levels):
         for i in level:
-            m = max(map(bget, children[i]), default=0.0)
+            ch = children[i]
+            m = max(map(bget, ch)) if ch else 0.0
             bottom[i] = (m if m > 0.0 else 0.0) + est[i]
     # Ready tasks are picked by (highest bottom level, then input position).  Ranking every task once by that
     # key lets the ready heap hold plain ints, which heapq compares far faster than tuples.  sorted() is
@@ -221,26 +225,31 @@ def _simulate(
     rank = [0] * n
     for r, i in enumerate(order):
         rank[i] = r
-    indeg = [len(p) for p in pre]
-    ready = [rank[i] for i in range(n) if indeg[i] == 0]
-    heapq.heapify(ready)
-    running: list[tuple[float, int]] = []
+    indeg = list(map(len, pre))
+    ready = sorted(rank[i] for i in (levels[0] if levels else ()))  # a sorted list is a heap
+    running: list[tuple[float, int]] = []  # (finish time, position), at most ``workers`` entries
+    free = workers
     now = 0.0
     push, pop = heapq.heappush, heapq.heappop
-    while ready or running:
-        while ready and len(running) < workers:
+    while True:
+        while free and ready:
             i = order[pop(ready)]
             push(running, (now + est[i], i))
+            free -= 1
+        if not running:
+            break
         now, i = pop(running)
+        free += 1
         while True:  # release the dependents of every task finishing at ``now``
             for ch in children[i]:
                 k = indeg[ch] - 1
                 indeg[ch] = k
-                if k == 0:
+                if not k:
                     push(ready, rank[ch])
             if not running or running[0][0] > now:
                 break
             i = pop(running)[1]
+            free += 1
     return now
 
 
