@@ -166,3 +166,24 @@ def test_deadline_keeps_its_offset():
     dl = datetime(2030, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=5)))
     s = TaskSpec.model_validate(base(deadline=dl.isoformat()))
     assert s.deadline == dl and s.deadline.utcoffset() == timedelta(hours=5)
+
+
+def test_batch_validation_in_one_call_matches_single_validation():
+    """parse_specs validates the list in one pydantic call; its details equal per-item parse_spec's plus the
+    index, and TaskSpec instances pass through as the same objects."""
+    ready = parse_spec(base(summary="already a spec"))
+    items = [base(), ready, base(agent_type="has space", base_priority=99), "not a dict", base(input=(1,))]
+    with pytest.raises(TaskValidationError) as ei:
+        parse_specs(items)
+    expected = []
+    for i, item in enumerate(items):
+        if isinstance(item, TaskSpec):
+            continue
+        try:
+            parse_spec(item)  # type: ignore[arg-type]
+        except TaskValidationError as exc:
+            expected.extend({**d, "index": i} for d in exc.details)
+    assert ei.value.details == expected
+    assert str(ei.value).startswith("invalid task at index 2: ")
+    ok = parse_specs([base(), ready])
+    assert ok[1] is ready and isinstance(ok[0], TaskSpec)

@@ -136,3 +136,22 @@ def test_insert_many_writes_all_null_columns_as_null(tmp_path):
         ("x", None, b"\x00", None), ("y", None, None, 1.5), ("z", 1, b"", 0.0),
     ]
     c.close()
+
+
+def test_migration_from_v2_keeps_data_and_running_claims(tmp_path):
+    """v3 drops an index only; a v2 store with a running claim opens, and the claim completes."""
+    path = tmp_path / "v2.db"
+    clock = ManualClock()
+    s2 = Scheduler(TaskStore(path, migrate_to=2), clock=clock)
+    s2.enqueue_many([spec("a"), spec("b", prerequisites=["a"])])
+    claim = s2.claim("impl", "w1")
+    assert claim is not None and claim.task_id == "a"
+    s2.close()
+    s3 = Scheduler(TaskStore(path), clock=clock)
+    assert s3.store.schema_version == SCHEMA_VERSION >= 3
+    names = {r[0] for r in s3.store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "tasks_running_type" not in names and "tasks_running_lease" in names
+    assert s3.complete("a", claim.fencing_token, {"ok": 1}) == ["b"]
+    assert s3.get("a").result == {"ok": 1} and s3.status_of("b").value == "ready"
+    assert s3.store.integrity_check() == "ok"
+    s3.close()

@@ -641,14 +641,14 @@ class Scheduler:
         with self.store.write() as c:
             self._expire(c, now)
             ids = list(blobs)
-            state: dict[str, tuple[str, int]] = {}
+            state: dict[str, tuple[str, int, int]] = {}
             for part in chunked(ids):
                 q = ",".join("?" * len(part))
-                for tid, st, tok in c.execute(
-                    f"SELECT id, status, fencing_token FROM tasks WHERE id IN ({q})", part
+                for tid, st, tok, seq in c.execute(
+                    f"SELECT id, status, fencing_token, seq FROM tasks WHERE id IN ({q})", part
                 ):
-                    state[tid] = (st, tok)
-            ok: list[tuple[bytes | None, float, float, str]] = []
+                    state[tid] = (st, tok, seq)
+            ok: list[tuple[bytes | None, float, int]] = []
             applied: list[str] = []
             for tid, (token, blob) in blobs.items():
                 cur = state.get(tid)
@@ -665,12 +665,13 @@ class Scheduler:
                     rejected[tid] = f"task {tid}: fencing token {token} is stale (current {cur[1]})"
                     self._last_reject = (StaleLease, rejected[tid])
                 else:
-                    ok.append((blob, now, now, tid))
+                    ok.append((blob, now, cur[2]))
                     applied.append(tid)
             if ok:
+                # By rowid (seq): the row is found without a second walk of the id index.
                 c.executemany(
-                    "UPDATE tasks SET status = 'completed', result = ?, finished_at = ?, updated_at = ?,"
-                    " lease_holder = NULL, lease_expires_at = NULL, error = NULL WHERE id = ?",
+                    "UPDATE tasks SET status = 'completed', result = ?1, finished_at = ?2, updated_at = ?2,"
+                    " lease_holder = NULL, lease_expires_at = NULL, error = NULL WHERE seq = ?3",
                     ok,
                 )
             released = self._release(c, applied, now) if applied else []
