@@ -187,3 +187,11 @@ def test_batch_validation_in_one_call_matches_single_validation():
     assert str(ei.value).startswith("invalid task at index 2: ")
     ok = parse_specs([base(), ready])
     assert ok[1] is ready and isinstance(ok[0], TaskSpec)
+
+
+def test_refused_payload_does_not_corrupt_the_next_one():
+    # encode_payload shares one msgpack Packer: a refused value must leave nothing behind in its buffer.
+    for bad in ((1, 2), {"x": 2**70}, [object()]):
+        with pytest.raises(ValueError):
+            encode_payload(bad)
+        assert decode_payload(encode_payload({"after": [1, "two"]})) == {"after": [1, "two"]}

@@ -101,10 +101,12 @@ class SchedulerConfig:
 
 
 def _new_id() -> str:
-    """``uuid.uuid4().hex`` without the UUID object (5 us -> under 1 us per generated id): 16 random bytes
-    with the version-4 and RFC 4122 variant bits set, as uuid4 does."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
+    """A UUIDv7 (RFC 9562) as 32 hex digits: 48 bits of unix milliseconds, then random bits, version 7 and
+    the RFC variant.  Time-ordered on purpose: ids generated together land next to each other in the
+    ``tasks.id`` index, so a batch insert touches (and commits) a few index pages instead of one page per
+    task, as random uuid4 ids did.  Built from os.urandom without a UUID object (about 1 us)."""
+    b = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
+    b[6] = (b[6] & 0x0F) | 0x70
     b[8] = (b[8] & 0x3F) | 0x80
     return b.hex()
 
