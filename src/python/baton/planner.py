@@ -228,28 +228,36 @@ def _simulate(
     indeg = list(map(len, pre))
     ready = sorted(rank[i] for i in (levels[0] if levels else ()))  # a sorted list is a heap
     running: list[tuple[float, int]] = []  # (finish time, position), at most ``workers`` entries
-    free = workers
     now = 0.0
-    push, pop = heapq.heappush, heapq.heappop
-    while True:
-        while free and ready:
-            i = order[pop(ready)]
-            push(running, (now + est[i], i))
-            free -= 1
-        if not running:
-            break
-        now, i = pop(running)
-        free += 1
-        while True:  # release the dependents of every task finishing at ``now``
-            for ch in children[i]:
+    push, pop, replace = heapq.heappush, heapq.heappop, heapq.heapreplace
+    while ready and len(running) < workers:
+        i = order[pop(ready)]
+        push(running, (now + est[i], i))
+    while running:
+        now, i = running[0]
+        for ch in children[i]:  # release the dependents of the task finishing first
+            k = indeg[ch] - 1
+            indeg[ch] = k
+            if not k:
+                push(ready, rank[ch])
+        # Fast path (the common case): every slot was busy and no other task finishes at the same instant
+        # (the heap's second smallest is running[1] or running[2]), so the freed slot goes straight to the
+        # best ready task: one heapreplace instead of a pop and a push.
+        r = len(running)
+        if r == workers and ready and (r < 2 or running[1][0] > now) and (r < 3 or running[2][0] > now):
+            j = order[pop(ready)]
+            replace(running, (now + est[j], j))
+            continue
+        pop(running)
+        while running and running[0][0] <= now:  # every other task finishing now, before picking
+            for ch in children[pop(running)[1]]:
                 k = indeg[ch] - 1
                 indeg[ch] = k
                 if not k:
                     push(ready, rank[ch])
-            if not running or running[0][0] > now:
-                break
-            i = pop(running)[1]
-            free += 1
+        while ready and len(running) < workers:
+            j = order[pop(ready)]
+            push(running, (now + est[j], j))
     return now
 
 
