@@ -11,6 +11,8 @@ import fnmatch
 import gc
 import heapq
 import re
+from collections import deque
+from itertools import chain
 from contextlib import contextmanager
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
@@ -173,7 +175,7 @@ def _build_plan(
     if n:
         # The first task (in level order) with the longest finish; then, walking back, the first prerequisite
         # (in the task's own order) that finishes last, as long as it finishes after time 0.
-        end = max((i for level in levels for i in level), key=fget)
+        end = max(chain.from_iterable(levels), key=fget)
         cp_len = finish[end]
         while end >= 0:
             path.append(ids[end])
@@ -223,8 +225,7 @@ def _simulate(
     # stable with reverse=True, so equal bottom levels keep input order.
     order = sorted(range(n), key=bottom.__getitem__, reverse=True)
     rank = [0] * n
-    for r, i in enumerate(order):
-        rank[i] = r
+    deque(map(rank.__setitem__, order, range(n)), maxlen=0)  # rank[order[r]] = r, looped in C
     indeg = list(map(len, pre))
     ready = sorted(rank[i] for i in (levels[0] if levels else ()))  # a sorted list is a heap
     running: list[tuple[float, int]] = []  # (finish time, position), at most ``workers`` entries
