@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,17 +31,7 @@ from pydantic import (
     field_validator,
 )
 
-from baton.models import (
-    AGENT_TYPE_RE,
-    RISK_RANK,
-    TASK_ID_RE,
-    AcceptanceCriterion,
-    ExecutionPlan,
-    Risk,
-    Status,
-    TaskSpec,
-    encode_payload,
-)
+from baton.models import RISK_RANK, ExecutionPlan, Risk, Status
 from baton.planner import build_plan, gc_paused, split_conflicts, topological_batches
 from baton.scheduler import Scheduler
 from baton.scheduler_errors import ManifestError, TaskValidationError
@@ -450,7 +439,7 @@ def _import(
                     changed.append(t.task_id)
                 continue
             new_tasks.append((t, raw))
-        specs = _task_specs(new_tasks, agent_type)
+        specs = [_spec_dict(t, raw, agent_type) for t, raw in new_tasks]
         removed: list[str] = []
         if prev is not None:
             now_ids = set(ids)
@@ -491,58 +480,6 @@ def _spec_dict(t: ManifestTask, raw: Any, agent_type: str) -> dict[str, Any]:
         "conflicts_with": t.conflicts_with,
         "metadata": {"manifest": raw},
     }
-
-
-def _obeys_task_rules(d: dict[str, Any]) -> bool:
-    """Does a spec dict built from a *validated* ManifestTask satisfy every TaskSpec rule?
-
-    ManifestTask already guarantees the types (strict str/int/bool lists, Risk, criteria shape); what it does
-    not imply is checked here: id/agent_type/prerequisite patterns and lengths, priority range, a finite
-    estimate, unique criteria with their lengths, and a payload-encodable entry.  Must never accept what
-    TaskSpec rejects (tests compare both on edge cases); a False only sends the batch to full validation.
-    """
-    tid = d["id"]
-    pre = d["prerequisites"]
-    crit = d["acceptance_criteria"]
-    est = d["estimated_duration_s"]
-    if not (
-        TASK_ID_RE.match(tid)
-        and AGENT_TYPE_RE.match(d["agent_type"])
-        and len(d["summary"]) <= 1_000
-        and len(d["description"]) <= 200_000
-        and 0 <= d["base_priority"] <= 10
-        and (est is None or (est >= 0 and math.isfinite(est)))
-        and len(set(pre)) == len(pre)
-        and tid not in pre
-        and all(map(TASK_ID_RE.match, pre))
-        and len({a["id"] for a in crit}) == len(crit)
-        and all(0 < len(a["id"]) <= 128 and 0 < len(a["text"]) <= 10_000 for a in crit)
-    ):
-        return False
-    try:
-        encode_payload(d["metadata"])
-    except ValueError:
-        return False
-    return True
-
-
-def _task_specs(entries: Sequence[tuple[ManifestTask, Any]], agent_type: str) -> list[TaskSpec | dict[str, Any]]:
-    """TaskSpecs for validated manifest entries, each entry validated once.
-
-    Why: validating the derived dict again as a TaskSpec was a third of an import.  Entries that pass
-    ``_obeys_task_rules`` become TaskSpecs via ``model_construct`` (their data is already checked); if any
-    entry does not, every dict goes through TaskSpec validation instead, so the error the caller sees is
-    exactly the one a direct submission of that task gets.
-    """
-    dicts = [_spec_dict(t, raw, agent_type) for t, raw in entries]
-    if not all(map(_obeys_task_rules, dicts)):
-        return list(dicts)
-    construct, criterion = TaskSpec.model_construct, AcceptanceCriterion.model_construct
-    out: list[TaskSpec | dict[str, Any]] = []
-    for d in dicts:
-        d["acceptance_criteria"] = [criterion(id=a["id"], text=a["text"]) for a in d["acceptance_criteria"]]
-        out.append(construct(**d))
-    return out
 
 
 def stored_hash(scheduler: Scheduler, manifest_id: str) -> str | None:

@@ -160,9 +160,6 @@ def decode_payload(blob: bytes | None) -> Any:
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/\-]{0,127}$")
 _AGENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
-# Public names for modules that check the same rules on data they already validated (manifest.py).
-TASK_ID_RE: Final = _ID_RE
-AGENT_TYPE_RE: Final = _AGENT_RE
 # re's \s for str patterns is exactly str.isspace() (both are Py_UNICODE_ISSPACE), in one C call.
 _SPACE: Final = re.compile(r"\s").search
 
