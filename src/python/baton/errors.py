@@ -114,7 +114,7 @@ _BY_ERRNO: dict[int, tuple[type[BatonError], str]] = {
     _errno.EMSGSIZE: (FrameTooLarge, "payload larger than the configured maximum: split it or pass it by reference"),
     _errno.ENODATA: (Truncated, "truncated frame: fewer bytes than the header announces"),
     _errno.EILSEQ: (CrcMismatch, "CRC32C mismatch: the frame was corrupted in transit"),
-    _errno.ERANGE: (FieldOutOfRange, "a header field is out of range (priority or reserved flag bits)"),
+    _errno.ERANGE: (FieldOutOfRange, "a header field is out of range (priority, reserved flag bits, or a CRC without the CRC flag)"),
     _errno.ENOSPC: (RingFull, "ring full: the consumer is behind; retry or fall back to the socket"),
     _errno.EAGAIN: (WouldBlock, "nothing to read yet"),
     _errno.EPROTO: (CorruptSegment, "corrupt shared-memory segment: detach and renegotiate the ring"),
