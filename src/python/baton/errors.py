@@ -17,6 +17,7 @@ class BatonError(Exception):
     short name clients can match on."""
 
     code = "BATON_ERROR"
+    errno: int | None  # as OSError declares it, so the classes that also inherit OSError agree
 
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)

@@ -18,7 +18,7 @@ from typing import Any
 from baton.errors import BatonError, error_from_errno
 
 try:
-    from baton._native import ffi, lib  # type: ignore[import-not-found]
+    from baton._native import ffi, lib  # type: ignore[import-not-found,unused-ignore]
 
     AVAILABLE = True
     LOAD_ERROR = ""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from baton import native, wire
+from baton.errors import BatonError
 
 ROUND_TRIPS = 20_000
 
@@ -79,10 +80,10 @@ def _echo_child(sock: socket.socket) -> None:
                     try:
                         outbound.write(rec)
                         break
-                    except native.BatonError as exc:
+                    except BatonError as exc:
                         if not isinstance(exc, BlockingIOError):
                             raise
-    except native.BatonError:
+    except BatonError:
         pass  # the parent closed its producer end: we are done
     outbound.close()
     inbound.close()

@@ -357,7 +357,7 @@ class FrameStream:
 
     def _raise(self, err: FrameError) -> None:
         # A fresh instance per raise: re-raising one object would keep growing its traceback.
-        raise type(err)(str(err), err.errno)
+        raise type(err)(str(err), err.errno or 0)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[FrameHeader, bytes]]:
         if self._error is not None:
