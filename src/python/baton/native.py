@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from baton.errors import BatonError, error_from_errno
 
@@ -120,6 +120,32 @@ def frame_decode(buf: bytes, max_payload: int = 0) -> FrameFields:
     )
 
 
+class _Handle:
+    """Explicit ownership of one native handle: ``close()`` (idempotent), ``with`` blocks, and ``__del__``
+    only as a leak guard for owners that forgot."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _H) -> _H:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if lib is not None:
+            try:
+                self.close()
+            except AttributeError:  # __init__ failed before the handle existed
+                pass
+
+
+_H = TypeVar("_H", bound=_Handle)
+
+
 # --- shared-memory rings -----------------------------------------------------------------------------------
 
 if AVAILABLE:  # bound once: module globals are cheaper than two attribute lookups per message
@@ -129,7 +155,7 @@ if AVAILABLE:  # bound once: module globals are cheaper than two attribute looku
     _ring_exchange = lib.bt_ring_exchange
 
 
-class Ring:
+class Ring(_Handle):
     """One end of a shared-memory SPSC ring.
 
     The producer never blocks: ``write`` raises RingFull when the consumer is behind.  The consumer reads
@@ -281,15 +307,6 @@ class Ring:
             lib.bt_ring_close(self._r)
             self._r = None
 
-    def __enter__(self) -> Ring:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # leak guard only; owners call close()
-        if getattr(self, "_r", None) is not None and lib is not None:
-            self.close()
 
 
 _EAGAIN = errno.EAGAIN
@@ -346,7 +363,7 @@ def peercred(fd: int) -> tuple[int, int, int]:
     return cred.pid, cred.uid, cred.gid
 
 
-class FrameReader:
+class FrameReader(_Handle):
     """Validated frames from a byte stream (C reader).  After a stream error every call raises it again:
     the connection cannot be resynchronised and must be closed."""
 
@@ -397,18 +414,9 @@ class FrameReader:
             lib.bt_frame_reader_close(self._rd)
             self._rd = None
 
-    def __enter__(self) -> FrameReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_rd", None) is not None and lib is not None:
-            self.close()
 
 
-class IoEngine:
+class IoEngine(_Handle):
     """The socket-plane engine: io_uring or epoll, chosen at run time (``backend_name`` says which)."""
 
     __slots__ = ("_io", "_events", "_inflight")
@@ -464,12 +472,3 @@ class IoEngine:
             self._io = None
             self._inflight.clear()
 
-    def __enter__(self) -> IoEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_io", None) is not None and lib is not None:
-            self.close()
