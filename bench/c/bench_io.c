@@ -15,6 +15,7 @@
  *   build/c/bench/bench_io [--rt N] [--tput N] [--json FILE]
  */
 #include "baton.h"
+#include "bench_common.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -27,17 +28,10 @@
 #include <sys/socket.h>
 #include <sys/utsname.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #define MSG 64
 #define BATCH_MAX 64
-
-static void die(const char *what, int rc)
-{
-    fprintf(stderr, "bench_io: %s: %s\n", what, strerror(rc < 0 ? -rc : rc));
-    exit(1);
-}
 
 static int g_ncpu;
 
@@ -51,12 +45,6 @@ static void pin(int cpu)
     sched_setaffinity(0, sizeof(set), &set);
 }
 
-typedef struct lat_result {
-    const char *name;
-    uint64_t n;
-    double p50, p99, p999, mean, min;
-} lat_result;
-
 typedef struct tput_result {
     const char *name;
     uint64_t n;
@@ -68,18 +56,9 @@ static int g_nlat;
 static tput_result g_tput[12];
 static int g_ntput;
 
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 static void report_lat(const char *name, uint64_t *s, uint64_t n)
 {
-    qsort(s, n, sizeof(*s), cmp_u64);
-    double sum = 0;
-    for (uint64_t i = 0; i < n; i++)
-        sum += (double)s[i];
+    double sum = sort_samples(s, n);
     lat_result r = {name, n, (double)s[n / 2], (double)s[n * 99 / 100], (double)s[n * 999 / 1000], sum / (double)n,
                     (double)s[0]};
     g_lat[g_nlat++] = r;
@@ -120,15 +99,6 @@ static pid_t fork_child(void)
     if (pid == 0)
         prctl(PR_SET_PDEATHSIG, SIGKILL);
     return pid;
-}
-
-static void reap(pid_t pid)
-{
-    int st;
-    if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-        fprintf(stderr, "bench_io: child failed (status %d)\n", st);
-        exit(1);
-    }
 }
 
 /* bt_io_wait, retried on -EINTR (epoll_wait reports io_uring task work left by an earlier ring that way). */
@@ -432,65 +402,12 @@ static void bench_plain_tput(uint64_t frames)
     report_tput("write() per frame (baseline)", frames, ns, cpu);
 }
 
-static void machine(char *out, size_t cap)
-{
-    snprintf(out, cap, "unknown");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f)
-        return;
-    char line[512];
-    while (fgets(line, sizeof(line), f)) {
-        if (!strncmp(line, "model name", 10)) {
-            char *p = strchr(line, ':');
-            if (p) {
-                p++;
-                while (*p == ' ')
-                    p++;
-                p[strcspn(p, "\n")] = 0;
-                snprintf(out, cap, "%s", p);
-            }
-            break;
-        }
-    }
-    fclose(f);
-}
-
-static void commit_id(char *out, size_t cap)
-{
-    snprintf(out, cap, "unknown");
-    const char *env = getenv("BATON_COMMIT");
-    if (env) {
-        snprintf(out, cap, "%s", env);
-        return;
-    }
-    FILE *p = popen("git rev-parse --short HEAD 2>/dev/null", "r");
-    if (!p)
-        return;
-    if (fgets(out, (int)cap, p))
-        out[strcspn(out, "\n")] = 0;
-    else
-        snprintf(out, cap, "unknown");
-    pclose(p);
-}
-
 static void write_json(const char *path, const char *cpu, const char *commit, int have_uring)
 {
-    FILE *f = fopen(path, "w");
-    if (!f)
-        die("open json", errno);
-    struct utsname u;
-    uname(&u);
-    fprintf(f,
-            "{\n  \"bench\": \"bench_io\",\n  \"cpu\": \"%s\",\n  \"ncpu\": %d,\n  \"kernel\": \"%s\",\n"
-            "  \"commit\": \"%s\",\n  \"frame_bytes\": %d,\n  \"io_uring\": %s,\n  \"latency_ns\": [\n",
-            cpu, g_ncpu, u.release, commit, MSG, have_uring ? "true" : "false");
-    for (int i = 0; i < g_nlat; i++)
-        fprintf(f,
-                "    {\"name\": \"%s\", \"n\": %llu, \"p50\": %.1f, \"p99\": %.1f, \"p99_9\": %.1f, "
-                "\"mean\": %.1f, \"min\": %.1f}%s\n",
-                g_lat[i].name, (unsigned long long)g_lat[i].n, g_lat[i].p50, g_lat[i].p99, g_lat[i].p999,
-                g_lat[i].mean, g_lat[i].min, i + 1 < g_nlat ? "," : "");
-    fprintf(f, "  ],\n  \"throughput\": [\n");
+    FILE *f = json_begin(path, cpu, g_ncpu, commit, MSG);
+    fprintf(f, "  \"io_uring\": %s,\n", have_uring ? "true" : "false");
+    json_latency(f, g_lat, g_nlat);
+    fprintf(f, "  \"throughput\": [\n");
     for (int i = 0; i < g_ntput; i++)
         fprintf(f,
                 "    {\"name\": \"%s\", \"n\": %llu, \"mframes_per_s\": %.3f, \"ns_per_frame\": %.1f, "
@@ -505,6 +422,7 @@ int main(int argc, char **argv)
 {
     uint64_t rt = 50000, tp = 2000000;
     const char *json = NULL;
+    bench_prog = "bench_io";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--rt") && i + 1 < argc)
             rt = strtoull(argv[++i], NULL, 10);

@@ -13,6 +13,7 @@
  *   build/c/bench/bench_ring [--rt N] [--park-rt N] [--tput N] [--json FILE]
  */
 #include "baton.h"
+#include "bench_common.h"
 
 #include <errno.h>
 #include <sched.h>
@@ -23,7 +24,6 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/utsname.h>
-#include <sys/wait.h>
 #include <unistd.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <x86intrin.h>
@@ -32,12 +32,6 @@
 #define MSG 64
 #define SPIN_FOREVER (3600ull * 1000000000ull)
 #define WAIT_NS (30ull * 1000000000ull)
-
-static void die(const char *what, int rc)
-{
-    fprintf(stderr, "bench_ring: %s: %s\n", what, strerror(rc < 0 ? -rc : rc));
-    exit(1);
-}
 
 static void relax(void)
 {
@@ -83,12 +77,6 @@ static void calibrate(void)
 }
 
 /* ---- results ---- */
-typedef struct lat {
-    const char *name;
-    uint64_t n;
-    double p50, p99, p999, mean, min;
-} lat;
-
 typedef struct tput {
     const char *name;
     uint64_t n;
@@ -96,24 +84,15 @@ typedef struct tput {
     double ns_per_frame;
 } tput;
 
-static lat g_lat[8];
+static lat_result g_lat[8];
 static int g_nlat;
 static tput g_tput[8];
 static int g_ntput;
 
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 static void add_lat(const char *name, uint64_t *s, uint64_t n)
 {
-    qsort(s, n, sizeof(*s), cmp_u64);
-    double sum = 0;
-    for (uint64_t i = 0; i < n; i++)
-        sum += (double)s[i];
-    lat *l = &g_lat[g_nlat++];
+    double sum = sort_samples(s, n);
+    lat_result *l = &g_lat[g_nlat++];
     l->name = name;
     l->n = n;
     l->p50 = s[n / 2] * g_ns_per_tick;
@@ -155,15 +134,6 @@ static pid_t spawn(void (*fn)(void *), void *arg)
         _exit(0);
     }
     return pid;
-}
-
-static void reap(pid_t pid)
-{
-    int st;
-    if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-        fprintf(stderr, "bench_ring: child failed (status %d)\n", st);
-        exit(1);
-    }
 }
 
 /* ---- ring round trip ---- */
@@ -416,62 +386,11 @@ static void bench_tput(const char *name, int mode, int batch, uint64_t n)
 }
 
 /* ---- report ---- */
-static void machine(char *cpu, size_t cap)
-{
-    snprintf(cpu, cap, "unknown");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f)
-        return;
-    char line[256];
-    while (fgets(line, sizeof(line), f)) {
-        if (strncmp(line, "model name", 10) == 0) {
-            char *p = strchr(line, ':');
-            if (p) {
-                p += 2;
-                p[strcspn(p, "\n")] = 0;
-                snprintf(cpu, cap, "%s", p);
-            }
-            break;
-        }
-    }
-    fclose(f);
-}
-
-static void commit_id(char *out, size_t cap)
-{
-    snprintf(out, cap, "unknown");
-    const char *env = getenv("BATON_COMMIT");
-    if (env) {
-        snprintf(out, cap, "%s", env);
-        return;
-    }
-    FILE *p = popen("git rev-parse --short HEAD 2>/dev/null", "r");
-    if (!p)
-        return;
-    if (fgets(out, (int)cap, p))
-        out[strcspn(out, "\n")] = 0;
-    else
-        snprintf(out, cap, "unknown");
-    pclose(p);
-}
-
 static void write_json(const char *path, const char *cpu, const char *commit)
 {
-    FILE *f = fopen(path, "w");
-    if (!f)
-        die("open json", errno);
-    struct utsname u;
-    uname(&u);
-    fprintf(f, "{\n  \"bench\": \"bench_ring\",\n  \"cpu\": \"%s\",\n  \"ncpu\": %d,\n  \"kernel\": \"%s\",\n"
-               "  \"commit\": \"%s\",\n  \"frame_bytes\": %d,\n  \"latency_ns\": [\n",
-            cpu, g_ncpu, u.release, commit, MSG);
-    for (int i = 0; i < g_nlat; i++)
-        fprintf(f,
-                "    {\"name\": \"%s\", \"n\": %llu, \"p50\": %.1f, \"p99\": %.1f, \"p99_9\": %.1f, "
-                "\"mean\": %.1f, \"min\": %.1f}%s\n",
-                g_lat[i].name, (unsigned long long)g_lat[i].n, g_lat[i].p50, g_lat[i].p99, g_lat[i].p999,
-                g_lat[i].mean, g_lat[i].min, i + 1 < g_nlat ? "," : "");
-    fprintf(f, "  ],\n  \"throughput\": [\n");
+    FILE *f = json_begin(path, cpu, g_ncpu, commit, MSG);
+    json_latency(f, g_lat, g_nlat);
+    fprintf(f, "  \"throughput\": [\n");
     for (int i = 0; i < g_ntput; i++)
         fprintf(f, "    {\"name\": \"%s\", \"n\": %llu, \"mframes_per_s\": %.2f, \"ns_per_frame\": %.3f}%s\n",
                 g_tput[i].name, (unsigned long long)g_tput[i].n, g_tput[i].mfps, g_tput[i].ns_per_frame,
@@ -484,6 +403,7 @@ int main(int argc, char **argv)
 {
     uint64_t rt = 1000000, park_rt = 100000, tp = 20000000;
     const char *json = NULL;
+    bench_prog = "bench_ring";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--rt") && i + 1 < argc)
             rt = strtoull(argv[++i], NULL, 10);
