@@ -48,7 +48,7 @@ $(OUT)/fuzz/%: tests/fuzz/%.c $(LIB_SRC) $(LIB_HDR)
 	@mkdir -p $(dir $@)
 	$(CLANG) $(BASE) -O1 -fsanitize=fuzzer,address,undefined -o $@ $< $(LIB_SRC) $(LIBS)
 
-$(OUT)/bench/%: bench/c/%.c $(LIB_SRC) $(LIB_HDR)
+$(OUT)/bench/%: bench/c/%.c $(LIB_SRC) $(LIB_HDR) $(wildcard bench/c/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(BASE) -O2 -march=native -o $@ $< $(LIB_SRC) $(LIBS)
 
