@@ -167,8 +167,8 @@ def _build_plan(
     # (``max(..., default=)`` is avoided: parsing the keyword costs more than the max itself.)
     for level in levels:
         for i in level:
-            p = pre[i]
-            f0 = max(map(fget, p)) if p else 0.0
+            mine = pre[i]
+            f0 = max(map(fget, mine)) if mine else 0.0
             finish[i] = (f0 if f0 > 0.0 else 0.0) + est[i]
     path: list[str] = []
     cp_len = 0.0
@@ -217,8 +217,8 @@ def _simulate(
     bget = bottom.__getitem__
     for level in reversed(levels):
         for i in level:
-            ch = children[i]
-            m = max(map(bget, ch)) if ch else 0.0
+            kids = children[i]
+            m = max(map(bget, kids)) if kids else 0.0
             bottom[i] = (m if m > 0.0 else 0.0) + est[i]
     # Ready tasks are picked by (highest bottom level, then input position).  Ranking every task once by that
     # key lets the ready heap hold plain ints, which heapq compares far faster than tuples.  sorted() is
