@@ -31,7 +31,7 @@ from pydantic import (
     field_validator,
 )
 
-from baton.models import RISK_RANK, ExecutionPlan, Risk, Status
+from baton.models import RISK_RANK, ExecutionPlan, Risk, Status, normalize_risk
 from baton.planner import build_plan, gc_paused, split_conflicts, topological_batches
 from baton.scheduler import Scheduler
 from baton.scheduler_errors import ManifestError, TaskValidationError
@@ -101,9 +101,7 @@ class ManifestTask(BaseModel):
     @field_validator("risk", mode="before")
     @classmethod
     def _risk_case(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.capitalize() in RISK_RANK:
-            return v.capitalize()
-        return v
+        return normalize_risk(v)
 
     def estimate_s(self) -> float | None:
         if self.est is None or self.est.size is None:

@@ -112,6 +112,14 @@ class Risk(enum.StrEnum):
 RISK_RANK: Final[dict[str, int]] = {"High": 0, "Medium": 1, "Low": 2}
 
 
+def normalize_risk(v: Any) -> Any:
+    """Manifests write "high"/"HIGH"; the canonical spelling is the enum's.  Anything else is left for the
+    field's own validation to reject."""
+    if isinstance(v, str) and v.capitalize() in RISK_RANK:
+        return v.capitalize()
+    return v
+
+
 class DependentPolicy(enum.StrEnum):
     """What happens to a task when one of its prerequisites fails, is dead-lettered or is cancelled."""
 
@@ -220,10 +228,7 @@ class TaskSpec(BaseModel):
     @field_validator("risk", mode="before")
     @classmethod
     def _risk_case(cls, v: Any) -> Any:
-        # Manifests write "high"/"HIGH"; the canonical spelling is the enum's.
-        if isinstance(v, str) and v.capitalize() in RISK_RANK:
-            return v.capitalize()
-        return v
+        return normalize_risk(v)
 
     @field_validator("prerequisites")
     @classmethod

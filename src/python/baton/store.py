@@ -228,43 +228,35 @@ class TaskStore:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (BEGIN IMMEDIATE).  Re-entrant: nested uses join the outer transaction."""
+        with self._transaction("BEGIN IMMEDIATE", rollback_on_error=True) as c:
+            yield c
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot for several SELECTs."""
+        with self._transaction("BEGIN", rollback_on_error=False) as c:
+            yield c
+
+    @contextmanager
+    def _transaction(self, begin: str, rollback_on_error: bool) -> Iterator[sqlite3.Connection]:
         c = self.conn
-        if self._depth:
+        if self._depth:  # nested: the outer transaction commits or rolls back for both
             self._depth += 1
             try:
                 yield c
             finally:
                 self._depth -= 1
             return
-        c.execute("BEGIN IMMEDIATE")
+        c.execute(begin)
         self._depth = 1
         try:
             yield c
         except BaseException:
             self._depth = 0
-            c.execute("ROLLBACK")
+            c.execute("ROLLBACK" if rollback_on_error else "COMMIT")
             raise
         self._depth = 0
         c.execute("COMMIT")
-
-    @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: one consistent snapshot for several SELECTs."""
-        c = self.conn
-        if self._depth:
-            self._depth += 1
-            try:
-                yield c
-            finally:
-                self._depth -= 1
-            return
-        c.execute("BEGIN")
-        self._depth = 1
-        try:
-            yield c
-        finally:
-            self._depth = 0
-            c.execute("COMMIT")
 
     # --- schema ------------------------------------------------------------------------------------------
 
