@@ -33,6 +33,7 @@ IO_AUTO, IO_EPOLL, IO_URING = 0, 1, 2
 IO_BACKEND_NAMES = {IO_EPOLL: "epoll", IO_URING: "io_uring"}
 EV_READABLE, EV_SENT, EV_ERROR = 1, 2, 3
 WAIT_FOREVER = (1 << 64) - 1
+_EAGAIN, _EINTR, _ENOBUFS, _ETIMEDOUT = errno.EAGAIN, errno.EINTR, errno.ENOBUFS, errno.ETIMEDOUT
 
 
 def _require() -> None:
@@ -48,9 +49,27 @@ def check(rc: int, context: str = "") -> int:
 
 
 def _timeout_ns(timeout: float | None) -> int:
-    if timeout is None:
-        return WAIT_FOREVER
-    return max(0, int(timeout * 1e9))
+    """Seconds to the C wait argument; None waits for ever.  Per-message callers test None themselves
+    first: a function call costs more than the comparison."""
+    return WAIT_FOREVER if timeout is None else max(0, int(timeout * 1e9))
+
+
+def _nothing_or_raise(rc: int, context: str) -> int:
+    """A failed batch read: nothing arrived (empty ring, timeout) is 0 records, anything else raises."""
+    if rc in (-_EAGAIN, -_ETIMEDOUT):
+        return 0
+    raise error_from_errno(-rc, context)
+
+
+def _split(view: Any, lens: Any, n: int) -> list[bytes]:
+    """The n records a batch call packed back to back into view, as separate bytes objects."""
+    out = []
+    off = 0
+    for i in range(n):
+        ln = lens[i]
+        out.append(view[off : off + ln])
+        off += ln
+    return out
 
 
 def version() -> str:
@@ -238,8 +257,7 @@ class Ring(_Handle):
         n = len(payloads)
         if n == 0:
             return 0
-        lens = ffi.new("uint32_t[]", [len(p) for p in payloads])
-        return check(lib.bt_ring_write_batch(self._handle(), b"".join(payloads), lens, n), "ring write")
+        return self.write_packed(b"".join(payloads), ffi.new("uint32_t[]", [len(p) for p in payloads]), n)
 
     def write_packed(self, packed: bytes, lens: Any, n: int) -> int:
         """Low-level batch write: payloads back to back in ``packed``, lengths in a cffi uint32_t array."""
@@ -249,15 +267,7 @@ class Ring(_Handle):
         """Read up to max_n records.  timeout 0 returns at once, None waits for ever; [] when nothing came.
 
         Raises PeerClosed once the producer has closed or died and the ring is drained."""
-        n = self.read_into(timeout, max_n)
-        out = []
-        off = 0
-        view, lens = self._view, self._lens
-        for i in range(n):
-            ln = lens[i]
-            out.append(view[off : off + ln])
-            off += ln
-        return out
+        return _split(self._view, self._lens, self.read_into(timeout, max_n))
 
     def read_into(self, timeout: float | None = 0.0, max_n: int | None = None) -> int:
         """Read a batch into the reused buffer and return the count; ``buffer``/``lengths`` hold the data
@@ -271,11 +281,7 @@ class Ring(_Handle):
         else:
             wait_ns = WAIT_FOREVER if timeout is None else _timeout_ns(timeout)
             rc = _ring_read_wait(r, self._buf, self._buf_len, self._lens, max_n, wait_ns)
-        if rc < 0:
-            if rc in (-_EAGAIN, -_ETIMEDOUT):
-                return 0
-            raise error_from_errno(-rc, "ring read")
-        return int(rc)
+        return rc if rc >= 0 else _nothing_or_raise(rc, "ring read")
 
     def exchange(self, out: Ring, data: bytes, timeout: float | None = None) -> int:
         """Write data to ``out``, then wait on this (consumer) ring and read a batch into ``buffer``: one
@@ -285,14 +291,10 @@ class Ring(_Handle):
         if r is None or o is None:
             raise BatonError("ring is closed")
         if timeout != self._batch_timeout:  # reading the cdata field back would cost more than the call
-            self._batch.timeout_ns = WAIT_FOREVER if timeout is None else _timeout_ns(timeout)
+            self._batch.timeout_ns = _timeout_ns(timeout)
             self._batch_timeout = timeout
         rc: int = _ring_exchange(o, data, len(data), r, self._batch)
-        if rc < 0:
-            if rc in (-_EAGAIN, -_ETIMEDOUT):
-                return 0
-            raise error_from_errno(-rc, "ring exchange")
-        return rc
+        return rc if rc >= 0 else _nothing_or_raise(rc, "ring exchange")
 
     @property
     def buffer(self) -> Any:
@@ -306,13 +308,6 @@ class Ring(_Handle):
         if self._r is not None:
             lib.bt_ring_close(self._r)
             self._r = None
-
-
-
-_EAGAIN = errno.EAGAIN
-_EINTR = errno.EINTR
-_ENOBUFS = errno.ENOBUFS
-_ETIMEDOUT = errno.ETIMEDOUT
 
 
 # --- unix sockets ------------------------------------------------------------------------------------------
@@ -403,17 +398,12 @@ class FrameReader(_Handle):
                 continue
             if check(n, "decode frames") == 0:
                 return out
-            off = 0
-            for i in range(n):
-                ln = self._lens[i]
-                out.append(self._view[off : off + ln])
-                off += ln
+            out += _split(self._view, self._lens, n)
 
     def close(self) -> None:
         if self._rd is not None:
             lib.bt_frame_reader_close(self._rd)
             self._rd = None
-
 
 
 class IoEngine(_Handle):
