@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +29,6 @@ def sock_path(short_tmp: Path) -> str:
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.005, what: str = "condition"):  # type: ignore[no-untyped-def]
     """Poll predicate until it returns a truthy value or the timeout passes (then fail the test)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -40,4 +39,6 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.005, what: st
         time.sleep(interval)
 
 
-os.environ.setdefault("PYTHONHASHSEED", "0")
+def child_env() -> dict[str, str]:
+    """Environment for a child Python process that must import this checkout's baton."""
+    return dict(os.environ, PYTHONPATH=str(REPO / "src" / "python"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from baton import errors, native
-from conftest import REPO, wait_for
+from conftest import child_env
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.LOAD_ERROR)
 
@@ -36,9 +36,11 @@ class Peer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(1)
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src" / "python"))
         self.proc = subprocess.Popen(
-            [sys.executable, PEER, mode, path, str(count)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+            [sys.executable, PEER, mode, path, str(count)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
         )
         listener.settimeout(30)
         self.conn, _ = listener.accept()
@@ -202,8 +204,7 @@ def test_fd_passing_and_peer_credentials(sock_path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path)
     listener.listen(1)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src" / "python"))
-    proc = subprocess.Popen([sys.executable, PEER, "pass-pipe", sock_path], env=env)
+    proc = subprocess.Popen([sys.executable, PEER, "pass-pipe", sock_path], env=child_env())
     try:
         listener.settimeout(30)
         conn, _ = listener.accept()

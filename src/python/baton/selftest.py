@@ -1,6 +1,7 @@
 """``baton selftest``: exercise the native core end to end and report what was measured.
 
-The daemon runs the same checks at start-up before it trusts libbaton (a failure means PYTHON_ONLY).  Each
+It is the README's main job until `baton serve` exists; the daemon (issue 4) is to run the same checks
+before it trusts libbaton, a failure meaning PYTHON_ONLY.  Each
 check returns a short detail string; any exception is a failed check with its message.
 """
 
