@@ -77,7 +77,11 @@ def ring_echo(fd_in: int, fd_out: int, spin_ns: int, exchange: bool, ready: Any)
         while True:
             for _ in range(n - 1):  # ping-pong never batches, but a reply per request whatever happens
                 write(FRAME)
-            n = swap(outbound, FRAME) if exchange else (write(FRAME), read(None))[1]
+            if exchange:
+                n = swap(outbound, FRAME)
+            else:
+                write(FRAME)
+                n = read(None)
     except native.BatonError:
         pass
 
