@@ -35,6 +35,32 @@ static void child_guard(pid_t parent)
         _exit(3);
 }
 
+/* Fork a producer that dies with the parent; in the child (0 returned) *p is attached to c through the
+ * inherited fd. */
+static pid_t fork_producer(bt_ring *c, bt_ring **p)
+{
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        child_guard(parent);
+        if (bt_ring_attach(bt_ring_fd(c), BT_RING_PRODUCER, p) != 0)
+            _exit(2);
+    }
+    return pid;
+}
+
+/* In a child: poll (bounded) until the consumer of r is parked in FUTEX_WAIT. */
+static void await_parked(bt_ring *r)
+{
+    uint64_t t0 = bt_now_ns();
+    while (!__atomic_load_n(&r->shm->waiters, __ATOMIC_ACQUIRE)) {
+        if (bt_now_ns() - t0 > WAIT_NS)
+            _exit(5);
+        cpu_relax();
+    }
+}
+
 /* Producer side: write record seq, publishing per burst; waits (bounded) while the ring is full. */
 static void produce_one(bt_ring *p, uint64_t seq)
 {
@@ -77,14 +103,9 @@ static void test_exchange(uint64_t n, uint64_t spin_ns)
     bt_ring *c;
     CHECK_EQ(bt_ring_create(1u << 16, BT_RING_CONSUMER, 1, &c), 0);
     bt_ring_set_spin(c, spin_ns);
-    pid_t parent = getpid();
-    pid_t pid = fork();
-    CHECK(pid >= 0);
+    bt_ring *p;
+    pid_t pid = fork_producer(c, &p);
     if (pid == 0) {
-        child_guard(parent);
-        bt_ring *p;
-        if (bt_ring_attach(bt_ring_fd(c), BT_RING_PRODUCER, &p) != 0)
-            _exit(2);
         uint64_t rng = 99;
         for (uint64_t seq = 0; seq < n;) {
             rng = tr_mix(rng);
@@ -92,14 +113,8 @@ static void test_exchange(uint64_t n, uint64_t spin_ns)
             for (uint64_t i = 0; i < burst && seq < n; i++)
                 produce_one(p, seq++);
             bt_ring_publish(p);
-            if (spin_ns == 0 && seq % 50000 < burst) {
-                uint64_t t0 = bt_now_ns();
-                while (!__atomic_load_n(&p->shm->waiters, __ATOMIC_ACQUIRE)) {
-                    if (bt_now_ns() - t0 > WAIT_NS)
-                        _exit(5);
-                    cpu_relax();
-                }
-            }
+            if (spin_ns == 0 && seq % 50000 < burst)
+                await_parked(p);
         }
         bt_ring_close(p);
         _exit(0);
@@ -137,14 +152,9 @@ static void test_killed_producer(void)
     CHECK_EQ(bt_ring_create(1u << 14, BT_RING_CONSUMER, 2, &c), 0);
     /* A spin budget longer than the wait: death must end the spin, not the budget or the time-out. */
     bt_ring_set_spin(c, 3600ull * 1000000000ull);
-    pid_t parent = getpid();
-    pid_t pid = fork();
-    CHECK(pid >= 0);
+    bt_ring *p;
+    pid_t pid = fork_producer(c, &p);
     if (pid == 0) {
-        child_guard(parent);
-        bt_ring *p;
-        if (bt_ring_attach(bt_ring_fd(c), BT_RING_PRODUCER, &p) != 0)
-            _exit(2);
         for (uint64_t seq = 0;; seq++) {
             produce_one(p, seq);
             /* Release: the consumer may only count a record as committed after its commit. */
@@ -188,13 +198,9 @@ static void test_death_while_parked(void)
     CHECK_EQ(bt_ring_create(4096, BT_RING_CONSUMER, 3, &c), 0);
     bt_ring_set_spin(c, 0);
     pid_t parent = getpid();
-    pid_t prod = fork();
-    CHECK(prod >= 0);
+    bt_ring *p;
+    pid_t prod = fork_producer(c, &p);
     if (prod == 0) {
-        child_guard(parent);
-        bt_ring *p;
-        if (bt_ring_attach(bt_ring_fd(c), BT_RING_PRODUCER, &p) != 0)
-            _exit(2);
         for (uint64_t seq = 0; seq < 100; seq++)
             produce_one(p, seq);
         bt_ring_publish(p);
@@ -215,12 +221,7 @@ static void test_death_while_parked(void)
     CHECK(killer >= 0);
     if (killer == 0) {
         child_guard(parent);
-        uint64_t t0 = bt_now_ns();
-        while (!__atomic_load_n(&c->shm->waiters, __ATOMIC_ACQUIRE)) {
-            if (bt_now_ns() - t0 > WAIT_NS)
-                _exit(5);
-            cpu_relax();
-        }
+        await_parked(c);
         _exit(kill(prod, SIGKILL) == 0 ? 0 : 6);
     }
     uint64_t t0 = bt_now_ns();
