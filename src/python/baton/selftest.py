@@ -75,15 +75,10 @@ def _echo_child(sock: socket.socket) -> None:
         os.close(fd)
     sock.sendall(b"R")
     try:
-        while True:
-            for rec in inbound.read_batch(timeout=None):
-                while True:
-                    try:
-                        outbound.write(rec)
-                        break
-                    except BatonError as exc:
-                        if not isinstance(exc, BlockingIOError):
-                            raise
+        # Ping-pong: one record in flight, so the reply always fits; exchange sends it and waits for the next.
+        n = inbound.read_into(None)
+        while n:
+            n = inbound.exchange(outbound, bytes(inbound.buffer[: inbound.lengths[0]]))
     except BatonError:
         pass  # the parent closed its producer end: we are done
     outbound.close()
@@ -111,12 +106,10 @@ def _check_ring_round_trip() -> str:
         frame = native.frame_encode(1, 0, 0, 1, 2, 0, 0, b"x" * 16)  # 64 bytes on the wire
         samples = []
         clock = time.perf_counter_ns
-        write, read = to_child.write, from_child.read_into
+        exchange = from_child.exchange
         for _ in range(ROUND_TRIPS):
             t0 = clock()
-            write(frame)
-            while not read(None):
-                pass
+            exchange(to_child, frame)
             samples.append(clock() - t0)
         if bytes(from_child.buffer[:64]) != frame:
             raise AssertionError("echoed frame differs")
