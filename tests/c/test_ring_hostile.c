@@ -54,11 +54,26 @@ static int attach_result(const bt_ring_shm *hdr, size_t size, int seals, int rol
     return rc;
 }
 
+/* The reference header with one field, or with head and tail, changed: attaching a sealed segment of SIZE
+ * bytes gives `want`.  Macros, so that a failure reports the line of the case. */
+#define CHECK_FIELD(field, value, want)                                                    \
+    do {                                                                                   \
+        bt_ring_shm h_ = g_hdr;                                                            \
+        h_.field = (value);                                                                \
+        CHECK_EQ(attach_result(&h_, SIZE, SEALED, BT_RING_CONSUMER), want);                \
+    } while (0)
+#define CHECK_INDICES(head_, tail_, role, want)                                            \
+    do {                                                                                   \
+        bt_ring_shm h_ = g_hdr;                                                            \
+        h_.head = (head_);                                                                 \
+        h_.tail = (tail_);                                                                 \
+        CHECK_EQ(attach_result(&h_, SIZE, SEALED, role), want);                            \
+    } while (0)
+
 static void test_attach_validation(void)
 {
     const int SEALED = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
     const size_t SIZE = BT_RING_HDR_SIZE + 4096;
-    bt_ring_shm h;
     /* The reference segment attaches, from either end. */
     CHECK_EQ(attach_result(&g_hdr, SIZE, SEALED, BT_RING_CONSUMER), 0);
     CHECK_EQ(attach_result(&g_hdr, SIZE, F_SEAL_SHRINK | F_SEAL_GROW, BT_RING_PRODUCER), 0);
@@ -83,50 +98,20 @@ static void test_attach_validation(void)
     CHECK_EQ(attach_result(&g_hdr, BT_RING_HDR_SIZE + 2048, SEALED, BT_RING_CONSUMER), -EPROTO);
     CHECK_EQ(attach_result(&g_hdr, BT_RING_HDR_SIZE + 8192, SEALED, BT_RING_CONSUMER), -EPROTO);
     /* Header fields, one at a time. */
-    h = g_hdr;
-    h.magic ^= 1;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.version = 2;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTONOSUPPORT);
-    h = g_hdr;
-    h.hdr_size = 256;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.capacity = 3000;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.capacity = 0;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.capacity = 8192; /* a power of two, but not the size of the segment */
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.max_record = 0;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.max_record = 4096 / 4 + 1;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.max_record = 100; /* smaller than usual is fine: the reader just enforces it */
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), 0);
+    CHECK_FIELD(magic, g_hdr.magic ^ 1, -EPROTO);
+    CHECK_FIELD(version, 2, -EPROTONOSUPPORT);
+    CHECK_FIELD(hdr_size, 256, -EPROTO);
+    CHECK_FIELD(capacity, 3000, -EPROTO);
+    CHECK_FIELD(capacity, 0, -EPROTO);
+    CHECK_FIELD(capacity, 8192, -EPROTO); /* a power of two, but not the size of the segment */
+    CHECK_FIELD(max_record, 0, -EPROTO);
+    CHECK_FIELD(max_record, 4096 / 4 + 1, -EPROTO);
+    CHECK_FIELD(max_record, 100, 0); /* smaller than usual is fine: the reader just enforces it */
     /* Indices. */
-    h = g_hdr;
-    h.head = 64;
-    h.tail = 32;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.head = 8;
-    h.tail = 8 + 4096 + 8;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.head = 4;
-    h.tail = 4;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_CONSUMER), -EPROTO);
-    h = g_hdr;
-    h.head = 1ull << 40; /* far along, but consistent: fine */
-    h.tail = 1ull << 40;
-    CHECK_EQ(attach_result(&h, SIZE, SEALED, BT_RING_PRODUCER), 0);
+    CHECK_INDICES(64, 32, BT_RING_CONSUMER, -EPROTO);
+    CHECK_INDICES(8, 8 + 4096 + 8, BT_RING_CONSUMER, -EPROTO);
+    CHECK_INDICES(4, 4, BT_RING_CONSUMER, -EPROTO);
+    CHECK_INDICES(1ull << 40, 1ull << 40, BT_RING_PRODUCER, 0); /* far along, but consistent: fine */
 }
 
 /* A consumer attached to a segment whose data area we then scribble on as the "producer". */
