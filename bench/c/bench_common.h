@@ -1,7 +1,7 @@
 /*
- * bench_common.h -- the helpers bench_io.c and bench_ring.c share: error exit, reaping the child, the CPU
- * model and commit for the header line, sorting latency samples, and the parts of the JSON report that are
- * the same in both (the opening fields and the "latency_ns" array).  Timing, percentiles and the
+ * bench_common.h -- the helpers bench_io.c and bench_ring.c share: error exit, reaping the child, the options,
+ * the CPU model and commit for the header line, sorting latency samples, and the parts of the JSON report that
+ * are the same in both (the opening fields and the "latency_ns" array).  Timing, percentiles and the
  * "throughput" array stay in each program: they differ (rdtsc ticks against CLOCK_MONOTONIC, extra fields).
  *
  * Each program sets bench_prog to its name first thing in main; die() and reap() print it, and it is the
@@ -34,6 +34,35 @@ static inline void reap(pid_t pid)
         fprintf(stderr, "%s: child failed (status %d)\n", bench_prog, st);
         exit(1);
     }
+}
+
+/* A "--flag N" option: bench_args stores N in *val. */
+typedef struct bench_opt {
+    const char *flag;
+    uint64_t *val;
+} bench_opt;
+
+/* Parses argv: the options in opts, and "--json FILE" into *json.  Anything else prints the usage line (made
+ * from opts) and returns -1; 0 otherwise. */
+static inline int bench_args(int argc, char **argv, const bench_opt *opts, int nopts, const char **json)
+{
+    for (int i = 1; i < argc; i++) {
+        int k = 0;
+        while (k < nopts && strcmp(argv[i], opts[k].flag) != 0)
+            k++;
+        if (k < nopts && i + 1 < argc)
+            *opts[k].val = strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--json") && i + 1 < argc)
+            *json = argv[++i];
+        else {
+            fprintf(stderr, "usage: %s", argv[0]);
+            for (k = 0; k < nopts; k++)
+                fprintf(stderr, " [%s N]", opts[k].flag);
+            fprintf(stderr, " [--json FILE]\n");
+            return -1;
+        }
+    }
+    return 0;
 }
 
 /* One latency row; every value in ns. */

@@ -423,18 +423,9 @@ int main(int argc, char **argv)
     uint64_t rt = 50000, tp = 2000000;
     const char *json = NULL;
     bench_prog = "bench_io";
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--rt") && i + 1 < argc)
-            rt = strtoull(argv[++i], NULL, 10);
-        else if (!strcmp(argv[i], "--tput") && i + 1 < argc)
-            tp = strtoull(argv[++i], NULL, 10);
-        else if (!strcmp(argv[i], "--json") && i + 1 < argc)
-            json = argv[++i];
-        else {
-            fprintf(stderr, "usage: %s [--rt N] [--tput N] [--json FILE]\n", argv[0]);
-            return 2;
-        }
-    }
+    const bench_opt opts[] = {{"--rt", &rt}, {"--tput", &tp}};
+    if (bench_args(argc, argv, opts, 2, &json) < 0)
+        return 2;
     if (rt < 10 || tp < 64) {
         fprintf(stderr, "bench_io: --rt >= 10 and --tput >= 64\n");
         return 2;

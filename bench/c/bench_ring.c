@@ -404,20 +404,9 @@ int main(int argc, char **argv)
     uint64_t rt = 1000000, park_rt = 100000, tp = 20000000;
     const char *json = NULL;
     bench_prog = "bench_ring";
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--rt") && i + 1 < argc)
-            rt = strtoull(argv[++i], NULL, 10);
-        else if (!strcmp(argv[i], "--park-rt") && i + 1 < argc)
-            park_rt = strtoull(argv[++i], NULL, 10);
-        else if (!strcmp(argv[i], "--tput") && i + 1 < argc)
-            tp = strtoull(argv[++i], NULL, 10);
-        else if (!strcmp(argv[i], "--json") && i + 1 < argc)
-            json = argv[++i];
-        else {
-            fprintf(stderr, "usage: %s [--rt N] [--park-rt N] [--tput N] [--json FILE]\n", argv[0]);
-            return 2;
-        }
-    }
+    const bench_opt opts[] = {{"--rt", &rt}, {"--park-rt", &park_rt}, {"--tput", &tp}};
+    if (bench_args(argc, argv, opts, 3, &json) < 0)
+        return 2;
     g_ncpu = (int)sysconf(_SC_NPROCESSORS_ONLN);
     pin(0);
     calibrate();
