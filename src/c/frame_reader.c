@@ -10,7 +10,6 @@
  */
 #include "baton.h"
 
-#include <stdbool.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -27,8 +26,6 @@ struct bt_frame_reader {
     int err;       /* sticky stream error (negative) or 0 */
     int read_full; /* the last fill's read() took all the room offered: the stream outpaces the buffer */
 };
-
-static const uint8_t frame_reader_magic[4] = {0x42, 0x54, 0x4E, 0x31}; /* "BTN1" */
 
 int bt_frame_reader_open(uint32_t max_payload, bt_frame_reader **out)
 {
@@ -166,7 +163,8 @@ int bt_frame_reader_feed(bt_frame_reader *rd, const void *data, size_t len)
     return (int)len;
 }
 
-/* Decode the frame at rpos: its size, 0 when incomplete, or the (now sticky) stream error. */
+/* Decode the frame at rpos (hdr may be NULL): its size, 0 when incomplete, or the (now sticky) stream
+ * error. */
 static int frame_reader_peek(bt_frame_reader *rd, bt_frame_hdr *hdr)
 {
     if (rd->err)
@@ -174,10 +172,15 @@ static int frame_reader_peek(bt_frame_reader *rd, bt_frame_hdr *hdr)
     size_t used = rd->wpos - rd->rpos;
     if (used == 0)
         return 0;
-    /* Fail on a bad magic as soon as its first byte is here rather than after 48 bytes of garbage. */
-    size_t m = used < 4 ? used : 4;
-    if (memcmp(rd->buf + rd->rpos, frame_reader_magic, m) != 0)
-        return rd->err = -EBADMSG;
+    /* Fail on a bad magic as soon as its first byte is here rather than after 48 bytes of garbage.  Once a
+     * whole header is here bt_frame_decode checks the magic first, so this only looks at a partial one. */
+    if (used < BT_FRAME_HEADER_SIZE) {
+        const uint8_t *p = rd->buf + rd->rpos;
+        for (size_t i = 0; i < used && i < 4; i++)
+            if (p[i] != (uint8_t)(BT_FRAME_MAGIC >> (8 * i)))
+                return rd->err = -EBADMSG;
+        return 0;
+    }
     int rc = bt_frame_decode(rd->buf + rd->rpos, used, rd->max_payload, hdr);
     if (rc == -ENODATA)
         return 0;
@@ -206,8 +209,7 @@ int bt_frame_reader_drain(bt_frame_reader *rd, void *buf, size_t cap, uint32_t *
     size_t off = 0;
     int n = 0;
     while (n < max_n) {
-        bt_frame_hdr hdr;
-        int rc = frame_reader_peek(rd, &hdr);
+        int rc = frame_reader_peek(rd, NULL); /* sizes only: the header goes out as raw bytes */
         if (rc < 0)
             return n ? n : rc; /* sticky: the caller sees it on the next call */
         if (rc == 0)
