@@ -285,22 +285,12 @@ static void sink_child(int fd, int report)
     _exit(0);
 }
 
-static uint64_t sink_total(int report)
+/* A socketpair (sv[0] non-blocking when asked, with a 4 MiB send buffer) whose sv[1] a forked sink_child
+ * reads; returns its pid, the parent keeping sv[0] and the report pipe's read end *report. */
+static pid_t start_sink(int sv[2], int nonblock, int *report)
 {
-    uint64_t total = 0;
-    if (read(report, &total, sizeof(total)) != (ssize_t)sizeof(total))
-        die("sink report", EIO);
-    return total;
-}
-
-/*
- * frames x 64 bytes, batch sends queued per bt_io_wait.  A short or -EAGAIN result (socket full) is sent
- * again from where it stopped; the sink only counts bytes.
- */
-static void bench_engine_tput(const char *name, int backend, int batch, int per_send, uint64_t frames)
-{
-    int sv[2], rp[2];
-    socketpair_or_die(sv, 1);
+    int rp[2];
+    socketpair_or_die(sv, nonblock);
     if (pipe(rp) < 0)
         die("pipe", errno);
     int big = 4 << 20;
@@ -310,12 +300,37 @@ static void bench_engine_tput(const char *name, int backend, int batch, int per_
         close(sv[0]);
         close(rp[0]);
         /* The sink blocks in read(): clear O_NONBLOCK on its end. */
-        if (fcntl(sv[1], F_SETFL, 0) < 0)
+        if (nonblock && fcntl(sv[1], F_SETFL, 0) < 0)
             _exit(1);
         sink_child(sv[1], rp[1]);
     }
     close(sv[1]);
     close(rp[1]);
+    *report = rp[0];
+    return pid;
+}
+
+/* Close the sending end, wait for the sink's byte count and the sink itself; the count must be `sent`. */
+static void finish_sink(int fd, int report, pid_t pid, uint64_t sent)
+{
+    close(fd);
+    uint64_t total = 0;
+    if (read(report, &total, sizeof(total)) != (ssize_t)sizeof(total))
+        die("sink report", EIO);
+    close(report);
+    reap(pid);
+    if (total != sent)
+        die("sink byte count", EIO);
+}
+
+/*
+ * frames x 64 bytes, batch sends queued per bt_io_wait.  A short or -EAGAIN result (socket full) is sent
+ * again from where it stopped; the sink only counts bytes.
+ */
+static void bench_engine_tput(const char *name, int backend, int batch, int per_send, uint64_t frames)
+{
+    int sv[2], report;
+    pid_t pid = start_sink(sv, 1, &report);
     bt_io *io = open_engine(backend);
     static char frame[BATCH_MAX][MSG * BATCH_MAX];
     uint32_t off[BATCH_MAX];
@@ -359,31 +374,14 @@ static void bench_engine_tput(const char *name, int backend, int batch, int per_
     uint64_t ns = bt_now_ns() - t0;
     uint64_t cpu = cpu_ns() - c0;
     bt_io_close(io);
-    close(sv[0]);
-    uint64_t got = sink_total(rp[0]);
-    close(rp[0]);
-    reap(pid);
-    if (got != sent_bytes)
-        die("sink byte count", EIO);
+    finish_sink(sv[0], report, pid, sent_bytes);
     report_tput(name, frames, ns, cpu);
 }
 
 static void bench_plain_tput(uint64_t frames)
 {
-    int sv[2], rp[2];
-    socketpair_or_die(sv, 0);
-    if (pipe(rp) < 0)
-        die("pipe", errno);
-    int big = 4 << 20;
-    setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &big, sizeof(big));
-    pid_t pid = fork_child();
-    if (pid == 0) {
-        close(sv[0]);
-        close(rp[0]);
-        sink_child(sv[1], rp[1]);
-    }
-    close(sv[1]);
-    close(rp[1]);
+    int sv[2], report;
+    pid_t pid = start_sink(sv, 0, &report);
     static char frame[MSG];
     memset(frame, 'z', sizeof(frame));
     uint64_t c0 = cpu_ns();
@@ -393,12 +391,7 @@ static void bench_plain_tput(uint64_t frames)
             die("write", errno);
     uint64_t ns = bt_now_ns() - t0;
     uint64_t cpu = cpu_ns() - c0;
-    close(sv[0]);
-    uint64_t got = sink_total(rp[0]);
-    close(rp[0]);
-    reap(pid);
-    if (got != frames * MSG)
-        die("sink byte count", EIO);
+    finish_sink(sv[0], report, pid, frames * MSG);
     report_tput("write() per frame (baseline)", frames, ns, cpu);
 }
 
