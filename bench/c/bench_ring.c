@@ -117,6 +117,17 @@ static void add_tput(const char *name, uint64_t n, uint64_t ns)
     fflush(stdout);
 }
 
+/* Wait (bounded) for a record on r: 1 when there is one, 0 when the peer has closed; any other error dies. */
+static int wait_record(bt_ring *r, const char *what)
+{
+    int rc = bt_ring_wait(r, WAIT_NS);
+    if (rc == -EPIPE)
+        return 0;
+    if (rc < 0)
+        die(what, rc);
+    return 1;
+}
+
 /* ---- two processes ---- */
 static pid_t spawn(void (*fn)(void *), void *arg)
 {
@@ -153,12 +164,7 @@ static void rt_echo(void *p)
         die("attach", rc);
     bt_ring_set_spin(in, a->spin);
     uint8_t buf[MSG];
-    for (;;) {
-        rc = bt_ring_wait(in, WAIT_NS);
-        if (rc == -EPIPE)
-            break;
-        if (rc < 0)
-            die("echo wait", rc);
+    while (wait_record(in, "echo wait")) {
         const void *d;
         int n = bt_ring_peek(in, &d);
         if (n < 0 || n > MSG)
@@ -340,12 +346,7 @@ static void bench_tput(const char *name, int mode, int batch, uint64_t n)
     uint32_t lens[256];
     uint64_t got = 0, sum = 0, t0 = 0;
     int rb = batch > 0 ? batch : 64;
-    for (;;) {
-        rc = bt_ring_wait(c, WAIT_NS);
-        if (rc == -EPIPE)
-            break;
-        if (rc < 0)
-            die("consumer wait", rc);
+    while (wait_record(c, "consumer wait")) {
         if (!t0)
             t0 = bt_now_ns();
         if (mode == TP_BATCH_API) {
