@@ -208,6 +208,7 @@ def test_threads_never_claim_the_same_task(tmp_path):
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a claimer thread hung"
     assert not errors
     flat = [x for g in got for x in g]
     assert len(flat) == len(set(flat)) == 200
