@@ -54,18 +54,26 @@ int bt_sock_listen(const char *path, int backlog)
     return fd;
 }
 
-/* Wait for an interrupted blocking connect to finish: POSIX says it completes asynchronously, so calling
- * connect again would only report EALREADY. */
-static int sock_connect_finish(int fd)
+/* Block until fd is writable (or in error: the next send, or SO_ERROR, then reports it). */
+static int sock_wait_writable(int fd)
 {
     struct pollfd p = {.fd = fd, .events = POLLOUT};
     for (;;) {
         int rc = poll(&p, 1, -1);
         if (rc > 0)
-            break;
+            return 0;
         if (rc < 0 && errno != EINTR)
             return -errno;
     }
+}
+
+/* Wait for an interrupted blocking connect to finish: POSIX says it completes asynchronously, so calling
+ * connect again would only report EALREADY. */
+static int sock_connect_finish(int fd)
+{
+    int rc = sock_wait_writable(fd);
+    if (rc < 0)
+        return rc;
     int err = 0;
     socklen_t len = sizeof(err);
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
@@ -100,19 +108,6 @@ int bt_sock_accept(int listen_fd)
         if (fd >= 0)
             return fd;
         if (errno != EINTR)
-            return -errno;
-    }
-}
-
-/* Block until fd is writable (or in error: the next send then reports it). */
-static int sock_wait_writable(int fd)
-{
-    struct pollfd p = {.fd = fd, .events = POLLOUT};
-    for (;;) {
-        int rc = poll(&p, 1, -1);
-        if (rc > 0)
-            return 0;
-        if (rc < 0 && errno != EINTR)
             return -errno;
     }
 }
