@@ -41,4 +41,5 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.005, what: st
 
 def child_env() -> dict[str, str]:
     """Environment for a child Python process that must import this checkout's baton."""
-    return dict(os.environ, PYTHONPATH=str(REPO / "src" / "python"))
+    path = os.pathsep.join(p for p in (str(REPO / "src" / "python"), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)

@@ -13,7 +13,9 @@ import pytest
 
 from baton.models import TERMINAL, Status
 from baton.scheduler import Scheduler, SchedulerConfig
-from scheduler_fixtures import PYTHON, child_env, poll
+from conftest import child_env
+from conftest import wait_for as poll
+from scheduler_fixtures import PYTHON
 
 CHURN = textwrap.dedent(
     """
