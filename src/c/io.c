@@ -22,7 +22,7 @@ int bti_io_watch_add(bt_io *io, int fd, uint64_t tag)
         io->watches = w;
         io->nwatches = n;
     }
-    io->gen = (io->gen + 1) & ((1u << BTI_IO_GEN_BITS) - 1);
+    io->gen = (io->gen + 1) & BTI_IO_GEN_MASK;
     io->watches[i] = (bti_io_watch){.tag = tag, .gen = io->gen, .used = 1};
     return (int)io->gen;
 }
@@ -44,11 +44,25 @@ int bti_io_watch_del(bt_io *io, int fd, uint64_t tag)
     return gen;
 }
 
-void bti_io_watch_fini(bt_io *io)
+void *bti_io_fifo_slot(bti_io_fifo *q, size_t elem)
 {
-    free(io->watches);
-    io->watches = NULL;
-    io->nwatches = 0;
+    if (q->head == q->count)
+        q->head = q->count = 0;
+    if (q->count == q->cap) {
+        if (q->head) {
+            memmove(q->buf, (uint8_t *)q->buf + q->head * elem, (q->count - q->head) * elem);
+            q->count -= q->head;
+            q->head = 0;
+        } else {
+            size_t cap = q->cap ? q->cap * 2 : 64;
+            void *b = realloc(q->buf, cap * elem);
+            if (!b)
+                return NULL;
+            q->buf = b;
+            q->cap = cap;
+        }
+    }
+    return (uint8_t *)q->buf + q->count * elem;
 }
 
 int bt_io_open(int backend, unsigned entries, bt_io **out)
@@ -85,8 +99,10 @@ int bt_io_open(int backend, unsigned entries, bt_io **out)
 
 void bt_io_close(bt_io *io)
 {
-    if (io)
-        io->ops->close(io);
+    if (!io)
+        return;
+    free(io->watches); /* the table is this layer's; the backend then frees the rest and the handle */
+    io->ops->close(io);
 }
 
 int bt_io_backend(const bt_io *io)

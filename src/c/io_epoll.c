@@ -18,8 +18,7 @@ typedef struct io_epoll {
     int epfd;
     struct epoll_event *evbuf;
     int evcap;
-    bt_io_event *sent; /* SENT results not yet delivered: sent[head..count) */
-    size_t head, count, cap;
+    bti_io_fifo sent; /* of bt_io_event: SENT results not yet delivered */
 } io_epoll;
 
 static int io_epoll_watch(bt_io *io, int fd, uint64_t tag)
@@ -56,36 +55,25 @@ static int io_epoll_send(bt_io *io, int fd, const void *buf, uint32_t len, uint6
 {
     io_epoll *e = (io_epoll *)io;
     /* Room for the result first: once the bytes are on the socket the completion must not be lost. */
-    if (e->head == e->count)
-        e->head = e->count = 0;
-    if (e->count == e->cap) {
-        if (e->head) {
-            memmove(e->sent, e->sent + e->head, (e->count - e->head) * sizeof(*e->sent));
-            e->count -= e->head;
-            e->head = 0;
-        } else {
-            size_t cap = e->cap ? e->cap * 2 : 64;
-            bt_io_event *s = realloc(e->sent, cap * sizeof(*s));
-            if (!s)
-                return -ENOMEM;
-            e->sent = s;
-            e->cap = cap;
-        }
-    }
+    bt_io_event *ev = bti_io_fifo_slot(&e->sent, sizeof(*ev));
+    if (!ev)
+        return -ENOMEM;
     ssize_t n;
     do {
         n = send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
-    e->sent[e->count++] = (bt_io_event){.tag = tag, .kind = BT_IO_EV_SENT, .result = n < 0 ? -errno : (int32_t)n};
+    *ev = (bt_io_event){.tag = tag, .kind = BT_IO_EV_SENT, .result = n < 0 ? -errno : (int32_t)n};
+    e->sent.count++;
     return 0;
 }
 
 static int io_epoll_wait(bt_io *io, bt_io_event *evs, int max, int timeout_ms)
 {
     io_epoll *e = (io_epoll *)io;
+    const bt_io_event *sent = e->sent.buf;
     int n = 0;
-    while (n < max && e->head < e->count)
-        evs[n++] = e->sent[e->head++];
+    while (n < max && e->sent.head < e->sent.count)
+        evs[n++] = sent[e->sent.head++];
     if (n == max)
         return n;
     int room = max - n;
@@ -116,8 +104,7 @@ static void io_epoll_close(bt_io *io)
     io_epoll *e = (io_epoll *)io;
     close(e->epfd);
     free(e->evbuf);
-    free(e->sent);
-    bti_io_watch_fini(io);
+    free(e->sent.buf);
     free(e);
 }
 

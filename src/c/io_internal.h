@@ -12,7 +12,7 @@ typedef struct bti_io_ops {
     int (*unwatch)(bt_io *io, int fd, uint64_t tag);
     int (*send)(bt_io *io, int fd, const void *buf, uint32_t len, uint64_t tag);
     int (*wait)(bt_io *io, bt_io_event *evs, int max, int timeout_ms);
-    void (*close)(bt_io *io); /* releases the backend's resources and the handle itself */
+    void (*close)(bt_io *io); /* releases the backend's resources and the handle (the watch table is gone) */
 } bti_io_ops;
 
 /* The watch on one fd.  gen tells a watch apart from an earlier one on the same fd number. */
@@ -23,6 +23,7 @@ typedef struct bti_io_watch {
 } bti_io_watch;
 
 #define BTI_IO_GEN_BITS 28
+#define BTI_IO_GEN_MASK ((1u << BTI_IO_GEN_BITS) - 1)
 
 /*
  * Every watch is recorded here, indexed by fd (fds are small dense integers): both backends refuse a second
@@ -44,8 +45,17 @@ int bti_io_watch_add(bt_io *io, int fd, uint64_t tag);
 const bti_io_watch *bti_io_watch_get(const bt_io *io, int fd);
 /* Forget the watch on fd, which must have this tag: its generation, or -ENOENT. */
 int bti_io_watch_del(bt_io *io, int fd, uint64_t tag);
-/* Free the table (the backends call it from their close). */
-void bti_io_watch_fini(bt_io *io);
+
+/* Entries of one fixed size, buf[head..count), waiting for the next bt_io_wait: the epoll backend's send
+ * results, the io_uring backend's completions taken off the CQ early.  The backend frees buf. */
+typedef struct bti_io_fifo {
+    void *buf;
+    size_t head, count, cap; /* in entries */
+} bti_io_fifo;
+
+/* The free slot after the last entry, for one entry of elem bytes (reusing the room of entries already
+ * taken, else growing), or NULL when memory runs out.  The caller fills it, then keeps it with count++. */
+void *bti_io_fifo_slot(bti_io_fifo *q, size_t elem);
 
 int bti_io_epoll_open(unsigned entries, bt_io **out);
 #ifdef BT_HAVE_LIBURING

@@ -37,8 +37,7 @@ typedef struct uring_stashed {
 typedef struct uring_be {
     bt_io base; /* first: the generic layer casts */
     struct io_uring ring;
-    uring_stashed *stash; /* stash[head..count): events for the next bt_io_wait, oldest first */
-    size_t head, count, cap;
+    bti_io_fifo stash; /* of uring_stashed: events for the next bt_io_wait, oldest first */
     int stashing; /* inside uring_stash: a re-arm there must not flush (and stash) recursively */
 } uring_be;
 
@@ -145,7 +144,7 @@ static int uring_translate(uring_be *u, const struct io_uring_cqe *cqe, bt_io_ev
         return 1;
     case URING_WATCH: {
         int fd = (int)(uint32_t)ud;
-        uint32_t gen = (uint32_t)(ud >> 32) & ((1u << BTI_IO_GEN_BITS) - 1);
+        uint32_t gen = (uint32_t)(ud >> 32) & BTI_IO_GEN_MASK;
         const bti_io_watch *w = bti_io_watch_get(&u->base, fd);
         /* A removed watch (stale completion, or the -ECANCELED last word of the removal): nothing to say. */
         if (!w || w->gen != gen)
@@ -201,30 +200,17 @@ static void uring_stash(uring_be *u)
     struct io_uring_cqe *cqe;
     io_uring_for_each_cqe(&u->ring, head, cqe)
     {
-        if (u->head == u->count)
-            u->head = u->count = 0;
-        if (u->count == u->cap) {
-            if (u->head) {
-                memmove(u->stash, u->stash + u->head, (u->count - u->head) * sizeof(*u->stash));
-                u->count -= u->head;
-                u->head = 0;
-            } else {
-                size_t cap = u->cap ? u->cap * 2 : 64;
-                uring_stashed *st = realloc(u->stash, cap * sizeof(*st));
-                if (!st)
-                    break;
-                u->stash = st;
-                u->cap = cap;
-            }
-        }
+        /* The slot stays put while uring_translate runs: a re-arm there never stashes (see `stashing`). */
+        uring_stashed *e = bti_io_fifo_slot(&u->stash, sizeof(*e));
+        if (!e)
+            break;
         seen++;
-        uring_stashed *e = &u->stash[u->count];
         int fd;
         uint32_t gen;
         if (uring_translate(u, cqe, &e->ev, &fd, &gen)) {
             e->fd = fd;
             e->gen = gen;
-            u->count++;
+            u->stash.count++;
         }
     }
     io_uring_cq_advance(&u->ring, seen);
@@ -234,9 +220,10 @@ static void uring_stash(uring_be *u)
 /* Hand over stashed events, dropping READABLEs of watches removed since they were stashed. */
 static int uring_unstash(uring_be *u, bt_io_event *evs, int max)
 {
+    const uring_stashed *stash = u->stash.buf;
     int n = 0;
-    while (n < max && u->head < u->count) {
-        const uring_stashed *e = &u->stash[u->head++];
+    while (n < max && u->stash.head < u->stash.count) {
+        const uring_stashed *e = &stash[u->stash.head++];
         if (e->fd >= 0) {
             const bti_io_watch *w = bti_io_watch_get(&u->base, e->fd);
             if (!w || w->gen != e->gen)
@@ -309,8 +296,7 @@ static void uring_close(bt_io *io)
 {
     uring_be *u = (uring_be *)io;
     io_uring_queue_exit(&u->ring);
-    bti_io_watch_fini(io);
-    free(u->stash);
+    free(u->stash.buf);
     free(u);
 }
 
