@@ -441,7 +441,12 @@ class Scheduler:
                 self._raise_depths(c, {prereq_id: depth + 1}, now)
             elif pst != _COMPLETED:
                 c.execute("UPDATE tasks SET unmet = unmet + 1 WHERE id = ?", (task_id,))
-                self._apply_policy_one(c, task_id, st, pol, prereq_id, pst, now, deque())
+                # A 'cancel' policy cancels task_id, which is then a cancelled prerequisite for its own
+                # dependents: the chain goes on through _apply_policies, as for any other cancellation.
+                chained: deque[tuple[str, str]] = deque()
+                self._apply_policy_one(c, task_id, st, pol, prereq_id, pst, now, chained)
+                if chained:
+                    self._apply_policies(c, chained, now)
                 st = Status(c.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()[0])
             return st
 
