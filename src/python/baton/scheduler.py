@@ -120,15 +120,6 @@ def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
-class _Reject(Exception):
-    """Internal: why one item of a batch was refused; mapped to a public exception for single calls."""
-
-    def __init__(self, kind: type[Exception], message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
 class Scheduler:
     """Rules of the task graph over one TaskStore connection (one Scheduler per thread or process)."""
 
