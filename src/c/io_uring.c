@@ -248,7 +248,7 @@ static int uring_wait(bt_io *io, bt_io_event *evs, int max, int timeout_ms)
         }
         return n;
     }
-    uint64_t deadline = timeout_ms > 0 ? bt_now_ns() + (uint64_t)timeout_ms * 1000000u : 0;
+    uint64_t deadline = 0; /* set by the first wait that needs it: completions already here skip the clock */
     for (;;) {
         bool ready = io_uring_cq_ready(&u->ring) > 0;
         bool expired = timeout_ms == 0;
@@ -264,6 +264,8 @@ static int uring_wait(bt_io *io, bt_io_event *evs, int max, int timeout_ms)
             struct __kernel_timespec ts, *tsp = NULL;
             if (timeout_ms > 0) {
                 uint64_t now = bt_now_ns();
+                if (deadline == 0)
+                    deadline = now + (uint64_t)timeout_ms * 1000000u;
                 uint64_t left = deadline > now ? deadline - now : 0;
                 ts.tv_sec = (long long)(left / 1000000000u);
                 ts.tv_nsec = (long long)(left % 1000000000u);
