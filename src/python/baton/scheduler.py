@@ -618,29 +618,34 @@ class Scheduler:
 
     def complete(self, task_id: str, fencing_token: int, result: Any = None) -> list[str]:
         """Record success; returns the dependents that became ready.  Stale tokens raise StaleLease."""
-        out = self.complete_many([(task_id, fencing_token, result)])
+        out, kinds = self._complete_many([(task_id, fencing_token, result)])
         if out.rejected:
-            kind, msg = self._last_reject
-            raise kind(msg)
+            raise kinds[task_id](out.rejected[task_id])
         return out.released
 
     def complete_many(self, items: Sequence[tuple[str, int, Any]]) -> BatchOutcome:
         """Complete a batch in one transaction.  Items with a stale token or a non-running task are refused
         individually (listed in ``rejected``); the others are applied."""
+        return self._complete_many(items)[0]
+
+    def _complete_many(
+        self, items: Sequence[tuple[str, int, Any]]
+    ) -> tuple[BatchOutcome, dict[str, type[Exception]]]:
+        """complete_many, plus the exception class each refusal maps to (what ``complete`` raises)."""
         now = self.clock()
         rejected: dict[str, str] = {}
-        self._last_reject: tuple[type[Exception], str] = (StaleLease, "")
+        kinds: dict[str, type[Exception]] = {}
         blobs: dict[str, tuple[int, bytes | None]] = {}
         for tid, token, result in items:
             if tid in blobs or tid in rejected:
                 rejected[tid] = "task appears twice in the batch"
-                self._last_reject = (TaskValidationError, rejected[tid])
+                kinds[tid] = TaskValidationError
                 continue
             try:
                 blobs[tid] = (token, encode_payload(result))
             except ValueError as exc:
                 rejected[tid] = str(exc)
-                self._last_reject = (TaskValidationError, str(exc))
+                kinds[tid] = TaskValidationError
         with self.store.write() as c:
             self._expire(c, now)
             ids = list(blobs)
@@ -657,16 +662,16 @@ class Scheduler:
                 cur = state.get(tid)
                 if cur is None:
                     rejected[tid] = f"no task {tid!r}"
-                    self._last_reject = (UnknownTask, rejected[tid])
+                    kinds[tid] = UnknownTask
                 elif cur[0] != _RUNNING:
                     term = cur[0] in _TERMINAL_VALUES
                     rejected[tid] = (
                         f"task {tid} is {cur[0]}" + ("; terminal states never change" if term else ", not running")
                     )
-                    self._last_reject = (InvalidTransition if term else StaleLease, rejected[tid])
+                    kinds[tid] = InvalidTransition if term else StaleLease
                 elif cur[1] != token:
                     rejected[tid] = f"task {tid}: fencing token {token} is stale (current {cur[1]})"
-                    self._last_reject = (StaleLease, rejected[tid])
+                    kinds[tid] = StaleLease
                 else:
                     ok.append((blob, now, cur[2]))
                     applied.append(tid)
@@ -679,7 +684,7 @@ class Scheduler:
                 )
             released = self._release(c, applied, now) if applied else []
         # model_construct: built right here from our own rows (lists of str ids); validation would only cost.
-        return BatchOutcome.model_construct(applied=applied, rejected=rejected, released=released)
+        return BatchOutcome.model_construct(applied=applied, rejected=rejected, released=released), kinds
 
     def _release(self, c: sqlite3.Connection, satisfied: Sequence[str], now: float) -> list[str]:
         """Count ``satisfied`` prerequisites off their dependents; the ones left with none become ready."""
