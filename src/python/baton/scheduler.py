@@ -55,7 +55,7 @@ from baton.scheduler_errors import (
     UnknownPrerequisite,
     UnknownTask,
 )
-from baton.store import TaskStore, chunked, insert_many
+from baton.store import SQL_MAX_VARS, TaskStore, chunked, insert_many
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
@@ -1131,8 +1131,8 @@ class Scheduler:
         )
 
 
-# Only 999 host parameters are guaranteed everywhere; queries that add their own parameters use this bound.
-SQL_VARS_WITH_NOW: Final = 30000 - 8
+# Chunk size for IN lists in statements that bind a few parameters of their own besides the ids.
+SQL_VARS_WITH_NOW: Final = SQL_MAX_VARS - 8
 
 _RESULT_LIST: Final = TypeAdapter(list[EnqueueResult])
 
