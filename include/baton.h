@@ -269,6 +269,21 @@ static inline uint64_t bti_ring_stride(uint32_t size_word)
 }
 
 /*
+ * Could a legitimate producer have committed the record at data offset off, with this nonzero size word and
+ * kind?  A PAD ends exactly at the end of the data area and never starts at 0 (a producer pads only when a
+ * record does not fit before the end): without the off != 0 test, a PAD spanning the whole area would send
+ * a reader round for ever.  The one check of bt_ring_peek and of a producer re-attaching (ring.c).
+ */
+static inline int bti_ring_rec_ok(const bt_ring *r, uint64_t off, uint32_t size, uint32_t kind)
+{
+    if (size < BT_RING_REC_HDR || size > r->capacity - off)
+        return 0;
+    if (kind == BT_RING_KIND_PAD)
+        return off != 0 && off + size == r->capacity;
+    return kind == BT_RING_KIND_DATA && size - BT_RING_REC_HDR <= r->max_record;
+}
+
+/*
  * Producer fast path: reserve room for a payload of len bytes and return where to write it, or NULL when
  * the ring is full (counted in full_events; never waits) or len > max_record.  The record is invisible to
  * the consumer until bt_ring_commit.  One reservation at a time.
@@ -335,19 +350,12 @@ static inline int bt_ring_peek(bt_ring *r, const void **data)
         if (size == 0)
             return -EAGAIN;
         uint32_t kind = rec[1];
-        if (size < BT_RING_REC_HDR || size > r->capacity - off)
+        if (!bti_ring_rec_ok(r, off, size, kind))
             return -EPROTO;
         if (kind == BT_RING_KIND_PAD) {
-            /* A PAD ends exactly at the end of the data area and never starts at 0 (a producer pads only
-             * when a record does not fit before the end): without the off != 0 test, a PAD spanning the
-             * whole area would send this loop round for ever. */
-            if (off == 0 || off + size != r->capacity)
-                return -EPROTO;
             r->pos += size;
             continue;
         }
-        if (kind != BT_RING_KIND_DATA || size - BT_RING_REC_HDR > r->max_record)
-            return -EPROTO;
         *data = rec + 2;
         return (int)(size - BT_RING_REC_HDR);
     }

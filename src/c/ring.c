@@ -158,14 +158,8 @@ static int ring_find_end(bt_ring *r, uint64_t head, uint64_t *pos)
         if (size == 0)
             break;
         uint32_t kind = __atomic_load_n(&rec[1], __ATOMIC_RELAXED);
-        if (size < BT_RING_REC_HDR || size > r->capacity - off)
+        if (!bti_ring_rec_ok(r, off, size, kind))
             return -EPROTO;
-        if (kind == BT_RING_KIND_PAD) {
-            if (off == 0 || off + size != r->capacity)
-                return -EPROTO;
-        } else if (kind != BT_RING_KIND_DATA || size - BT_RING_REC_HDR > r->max_record) {
-            return -EPROTO;
-        }
         uint64_t stride = bti_ring_stride(size);
         /* A legitimate producer always leaves 8 free bytes for the zeroed successor size word. */
         if (p + stride + BT_RING_REC_HDR - head > r->capacity)
