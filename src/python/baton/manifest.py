@@ -31,7 +31,7 @@ from pydantic import (
     field_validator,
 )
 
-from baton.models import RISK_RANK, ExecutionPlan, Risk, Status, normalize_risk
+from baton.models import RISK_RANK, ExecutionPlan, Risk, Status, normalize_risk, unpack
 from baton.planner import build_plan, gc_paused, split_conflicts, topological_batches
 from baton.scheduler import Scheduler
 from baton.scheduler_errors import ManifestError, TaskValidationError
@@ -432,7 +432,7 @@ def _import(
         changed: list[str] = []
         for t, raw in zip(m.tasks, raw_tasks):
             if t.task_id in existing:
-                old = msgpack.unpackb(existing[t.task_id], raw=False, strict_map_key=False)
+                old = unpack(existing[t.task_id])
                 if _canonical(old["metadata"].get("manifest")) != _canonical(raw):
                     changed.append(t.task_id)
                 continue
@@ -441,7 +441,7 @@ def _import(
         removed: list[str] = []
         if prev is not None:
             now_ids = set(ids)
-            removed = [x for x in msgpack.unpackb(prev[1], raw=False) if x not in now_ids]
+            removed = [x for x in unpack(prev[1]) if x not in now_ids]
         try:
             res = scheduler._enqueue_in(c, specs, manifest_id=mid)
         except TaskValidationError as exc:
@@ -521,7 +521,7 @@ def manifest_plan(
     live = [r for r in rows if Status(r[1]) not in (Status.COMPLETED, Status.CANCELLED, Status.FAILED,
                                                     Status.DEAD_LETTERED)]
     skipped = {r[0]: Status(r[1]) for r in rows if r not in live}
-    specs = {r[0]: msgpack.unpackb(r[5], raw=False, strict_map_key=False) for r in live}
+    specs = {r[0]: unpack(r[5]) for r in live}
     est = {r[0]: (r[2] if r[2] > 0 else default_estimate_s) for r in live}
     prereqs = {t: s["prerequisites"] for t, s in specs.items()}
     order = {r[0]: (RISK_RANK[r[3]], -r[4], i) for i, r in enumerate(live)}

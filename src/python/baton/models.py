@@ -48,6 +48,7 @@ __all__ = [
     "ExecutionPlan",
     "encode_payload",
     "decode_payload",
+    "unpack",
     "parse_spec",
     "parse_specs",
 ]
@@ -162,6 +163,11 @@ def decode_payload(blob: bytes | None) -> Any:
     if tag == _RAW:
         return bytes(body)
     return msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+def unpack(blob: bytes | None) -> Any:
+    """A msgpack column as the scheduler stores it (spec, history, criteria_done, a manifest's task ids)."""
+    return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
 
 
 # --- submitted task ----------------------------------------------------------------------------------------

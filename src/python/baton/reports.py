@@ -8,12 +8,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-import msgpack
 from pydantic import BaseModel, ConfigDict, Field
 
 from baton import priority as prio
 from baton.manifest import next_eligible
-from baton.models import TERMINAL, Status
+from baton.models import TERMINAL, Status, unpack
 from baton.scheduler import Scheduler
 
 __all__ = ["QueueStatus", "Pulse", "Anomaly", "queue_status", "pulse", "render_pulse"]
@@ -125,7 +124,7 @@ def queue_status(sch: Scheduler) -> QueueStatus:
 
 
 def _summary(spec: bytes) -> str:
-    return str(msgpack.unpackb(spec, raw=False, strict_map_key=False)["summary"])
+    return str(unpack(spec)["summary"])
 
 
 def pulse(
@@ -174,8 +173,8 @@ def pulse(
 
     in_progress: list[InProgress] = []
     for tid, spec, at, risk, holder, started, done_blob in running:
-        d = msgpack.unpackb(spec, raw=False, strict_map_key=False)
-        done = list(msgpack.unpackb(done_blob, raw=False)) if done_blob else []
+        d = unpack(spec)
+        done = list(unpack(done_blob)) if done_blob else []
         all_ac = [a for a, _ in d["acceptance_criteria"]]
         in_progress.append(InProgress(
             task_id=tid, summary=d["summary"], agent_type=at, risk=risk, lease_holder=holder,

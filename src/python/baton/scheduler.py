@@ -44,6 +44,7 @@ from baton.models import (
     decode_payload,
     encode_payload,
     parse_specs,
+    unpack,
 )
 from baton.planner import build_plan
 from baton.scheduler_errors import (
@@ -75,10 +76,6 @@ _DEAD_LETTERED: Final = Status.DEAD_LETTERED.value
 _FAILED: Final = Status.FAILED.value
 _STATUS: Final = {s.value: s for s in Status}  # value -> member without Status(value)'s lookup machinery
 _PACK = msgpack.Packer(use_bin_type=True).pack
-
-
-def _unpack(b: bytes | None) -> Any:
-    return None if b is None else msgpack.unpackb(b, raw=False, strict_map_key=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,7 +560,7 @@ class Scheduler:
         for tid, attempts, max_attempts, holder, token, started, hist, timeout in rows:
             timed_out = timeout is not None and now >= started + timeout
             err = "timed out" if timed_out else "lease expired"
-            history = _unpack(hist) or []
+            history = unpack(hist) or []
             history.append(_attempt(attempts, holder, token, started, now, "lease_expired", err))
             if attempts >= max_attempts:
                 self._to_dead(c, tid, Status.DEAD_LETTERED, f"{err}; attempts exhausted", history, now)
@@ -733,7 +730,7 @@ class Scheduler:
             row = self._check_holder(c, task_id, fencing_token)
             _, token, attempts, max_attempts, holder, started, hist = row
             outcome = "failed_transient" if transient else "failed_permanent"
-            history = _unpack(hist) or []
+            history = unpack(hist) or []
             history.append(_attempt(attempts, holder, token, started, now, outcome, error))
             if transient and attempts < max_attempts:
                 delay = self.backoff_delay(attempts)
@@ -992,12 +989,12 @@ class Scheduler:
             spec_blob, done_blob = c.execute(
                 "SELECT spec, criteria_done FROM tasks WHERE id = ?", (task_id,)
             ).fetchone()
-            known = [a[0] for a in _unpack(spec_blob)["acceptance_criteria"]]
+            known = [a[0] for a in unpack(spec_blob)["acceptance_criteria"]]
             wanted = list(criterion_ids)
             bad = [x for x in wanted if x not in known]
             if bad:
                 raise TaskValidationError(f"task {task_id} has no acceptance criteria {bad}")
-            done = list(_unpack(done_blob) or [])
+            done = list(unpack(done_blob) or [])
             done.extend(x for x in wanted if x not in done)
             c.execute("UPDATE tasks SET criteria_done = ?, updated_at = ? WHERE id = ?", (_PACK(done), now, task_id))
             return done
@@ -1036,7 +1033,7 @@ class Scheduler:
         (tid, st, base, source, deadline, est, depth, ready_at, attempts, created, updated, started, finished,
          not_before, holder, expires, token, blocked, spec_blob, input_blob, result_blob, error, hist, done,
          rq_from, rq_as, manifest_id) = row
-        d = _unpack(spec_blob)
+        d = unpack(spec_blob)
         d["id"] = tid
         d["input"] = decode_payload(input_blob)
         d["acceptance_criteria"] = [{"id": a, "text": b} for a, b in d["acceptance_criteria"]]
@@ -1048,11 +1045,11 @@ class Scheduler:
         d.update(
             status=st, calculated_priority=bd.total, priority_breakdown=bd, downstream_depth=depth,
             result=decode_payload(result_blob), error=error, attempts=attempts,
-            attempt_history=_unpack(hist) or [], created_at=_dt(created), updated_at=_dt(updated),
+            attempt_history=unpack(hist) or [], created_at=_dt(created), updated_at=_dt(updated),
             ready_at=_dt(ready_at), started_at=_dt(started), finished_at=_dt(finished),
             not_before=_dt(not_before) if not_before else None, lease_holder=holder,
             lease_expires_at=_dt(expires), fencing_token=token, blocked_reason=blocked,
-            criteria_done=_unpack(done) or [], requeued_from=rq_from, requeued_as=rq_as, manifest_id=manifest_id,
+            criteria_done=unpack(done) or [], requeued_from=rq_from, requeued_as=rq_as, manifest_id=manifest_id,
         )
         # model_validate re-checks stored data; input/result are Any, so payloads pass through untouched.
         return Task.model_validate(d)
@@ -1187,7 +1184,7 @@ def _pack_spec(s: TaskSpec) -> bytes:
 
 
 def _unpack_spec(blob: bytes, input_value: Any) -> TaskSpec:
-    d = _unpack(blob)
+    d = unpack(blob)
     d["acceptance_criteria"] = [{"id": a, "text": b} for a, b in d["acceptance_criteria"]]
     d["input"] = input_value
     return TaskSpec.model_validate(d)
