@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Final, Literal
 
 import msgpack
@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from baton.scheduler_errors import TaskValidationError
+from baton.scheduler_errors import InvalidTransition, TaskValidationError
 
 __all__ = [
     "Status",
@@ -87,8 +87,6 @@ TRANSITIONS: Final[dict[Status, frozenset[Status]]] = {
 
 
 def check_transition(task_id: str, current: Status, target: Status) -> None:
-    from baton.scheduler_errors import InvalidTransition
-
     if target not in TRANSITIONS[current]:
         if current in TERMINAL:
             raise InvalidTransition(f"task {task_id} is {current.value}; terminal states never change")
@@ -359,10 +357,6 @@ class AttemptRecord(BaseModel):
     ended_at: float
     outcome: Literal["failed_transient", "failed_permanent", "lease_expired", "cancelled"]
     error: str | None = None
-
-
-def _dt(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
 class Task(TaskSpec):
