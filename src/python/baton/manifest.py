@@ -31,7 +31,7 @@ from pydantic import (
     field_validator,
 )
 
-from baton.models import RISK_RANK, ExecutionPlan, Risk, Status, normalize_risk, unpack
+from baton.models import RISK_RANK, TERMINAL, ExecutionPlan, Risk, Status, normalize_risk, unpack
 from baton.planner import build_plan, gc_paused, split_conflicts, topological_batches
 from baton.scheduler import Scheduler
 from baton.scheduler_errors import ManifestError, TaskValidationError
@@ -518,9 +518,8 @@ def manifest_plan(
     ).fetchall()
     if not rows:
         raise ManifestError(f"no tasks imported for manifest {manifest_id!r}")
-    live = [r for r in rows if Status(r[1]) not in (Status.COMPLETED, Status.CANCELLED, Status.FAILED,
-                                                    Status.DEAD_LETTERED)]
-    skipped = {r[0]: Status(r[1]) for r in rows if r not in live}
+    live = [r for r in rows if r[1] not in TERMINAL]
+    skipped = {r[0]: Status(r[1]) for r in rows if r[1] in TERMINAL}
     specs = {r[0]: unpack(r[5]) for r in live}
     est = {r[0]: (r[2] if r[2] > 0 else default_estimate_s) for r in live}
     prereqs = {t: s["prerequisites"] for t, s in specs.items()}
