@@ -289,11 +289,11 @@ def validate_manifest(
     m, mid, canon, _ = parse_manifest(source, manifest_id=manifest_id)
     if base_dir is None:
         base_dir = source.parent if isinstance(source, Path) else Path.cwd()
-    return _validate(m, mid, canon, Path(base_dir), scheduler, wip_limit)
+    return _validate(m, mid, hashlib.sha256(canon).hexdigest(), Path(base_dir), scheduler, wip_limit)
 
 
 def _validate(
-    m: Manifest, mid: str, canon: bytes, base: Path, sch: Scheduler | None, wip_limit: int | None
+    m: Manifest, mid: str, digest: str, base: Path, sch: Scheduler | None, wip_limit: int | None
 ) -> ValidationReport:
     issues: list[ManifestIssue] = []
 
@@ -348,8 +348,7 @@ def _validate(
                 message=f"up to {widest} tasks of one agent type can run in parallel ({per_type}) but the WIP "
                         f"limit is {wip_limit}; the rest will queue",
             ))
-    return ValidationReport(manifest_id=mid, hash=hashlib.sha256(canon).hexdigest(), task_count=len(m.tasks),
-                            issues=issues)
+    return ValidationReport(manifest_id=mid, hash=digest, task_count=len(m.tasks), issues=issues)
 
 
 def _widest_wave(m: Manifest) -> tuple[int, str]:
@@ -411,7 +410,7 @@ def _import(
     digest = hashlib.sha256(canon).hexdigest()
     st = scheduler.store
     with st.write() as c:
-        report = _validate(m, mid, canon, Path(base_dir), scheduler, wip_limit)
+        report = _validate(m, mid, digest, Path(base_dir), scheduler, wip_limit)
         prev = c.execute("SELECT hash, task_ids FROM manifests WHERE manifest_id = ?", (mid,)).fetchone()
         prev_hash = prev[0] if prev else None
         if not report.ok:
