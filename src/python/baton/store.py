@@ -269,9 +269,8 @@ class TaskStore:
         if c.execute("PRAGMA user_version").fetchone()[0] >= target:
             self._check_version()
             return
-        # IMMEDIATE: two processes opening a fresh file at once must not both run the migrations.
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        # IMMEDIATE (write()): two processes opening a fresh file at once must not both run the migrations.
+        with self.write():
             current = int(c.execute("PRAGMA user_version").fetchone()[0])
             if current == 0 and c.execute(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
@@ -284,10 +283,6 @@ class TaskStore:
                         c.execute(stmt)
                     c.execute(f"PRAGMA user_version = {version}")
                     current = version
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
         self._check_version()
 
     def _check_version(self) -> None:
