@@ -814,7 +814,8 @@ class Scheduler:
             )
             work.append((dep, _CANCELLED))
             return True
-        check_transition(dep, st, Status.BLOCKED) if st is not Status.BLOCKED else None
+        if st is not Status.BLOCKED:
+            check_transition(dep, st, Status.BLOCKED)
         c.execute(
             "UPDATE tasks SET status = 'blocked', ready_at = NULL, updated_at = ?,"
             " blocked_reason = coalesce(blocked_reason, ?) WHERE id = ?",
@@ -825,12 +826,14 @@ class Scheduler:
     # --- dead letters ------------------------------------------------------------------------------------
 
     def dead_letters(self, limit: int = 1000) -> list[Task]:
+        now = self.clock()
         with self.store.read() as c:
-            ids = [r[0] for r in c.execute(
-                "SELECT id FROM tasks WHERE status = 'dead_lettered' AND requeued_as IS NULL ORDER BY finished_at LIMIT ?",
+            rows = c.execute(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE status = 'dead_lettered' AND requeued_as IS NULL"
+                " ORDER BY finished_at LIMIT ?",
                 (limit,),
-            )]
-        return [self.get(t) for t in ids]
+            ).fetchall()
+        return [self._row_to_task(r, now) for r in rows]
 
     def requeue_dead_letter(self, task_id: str, *, new_id: str | None = None) -> EnqueueResult:
         """Requeue a dead letter as a new task with the same submission (terminal states never change, so the
