@@ -113,7 +113,7 @@ def _throughput(tmp: Path, n: int, batch: int, tag: str, sync: str) -> float:
         out = sch.complete_many([(c.task_id, c.fencing_token, {"ok": True}) for c in claims])
         assert len(out.applied) == len(claims) == min(batch, n - off)
     dt = time.perf_counter() - t0
-    done = sch.store.conn.execute("SELECT count(*) FROM tasks WHERE status = 'completed'").fetchone()[0]
+    done = sch.count("completed")
     assert done == n
     sch.close()
     for suffix in ("", "-wal", "-shm"):
@@ -141,7 +141,7 @@ def _throughput_chain(tmp: Path, n: int, batch: int) -> float:
             break
         sch.complete_many([(c.task_id, c.fencing_token, None) for c in claims])
     dt = time.perf_counter() - t0
-    assert sch.store.conn.execute("SELECT count(*) FROM tasks WHERE status = 'completed'").fetchone()[0] == n
+    assert sch.count("completed") == n
     sch.close()
     return dt / n
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import msgpack
 import pytest
 
 from baton.reports import pulse, queue_status, render_pulse
+from baton.store import TaskStore
+from baton.taskstate import IMAGE_FIELDS, pack_image
 from scheduler_fixtures import ManualClock, make, spec
 
 
@@ -99,8 +102,13 @@ def test_anomaly_wip_exceeded(tmp_path, clock):
 def test_anomaly_completed_without_running(tmp_path, clock):
     s = make(tmp_path, clock)
     s.enqueue_many([spec("a"), spec("b")])
-    # Another writer (an older tool, a manual fix) marked a task completed without a claim.
-    with s.store.write() as c:
-        c.execute("UPDATE tasks SET status = 'completed', finished_at = 1 WHERE id = 'b'")
+    # Another writer (an older tool, a manual fix) marked a task completed without a claim: a journal entry
+    # written through a second connection, which the scheduler picks up before reporting.
+    rec = s.record("b")
+    img = msgpack.unpackb(pack_image(rec))
+    img[IMAGE_FIELDS.index("status")] = "completed"
+    img[IMAGE_FIELDS.index("finished")] = 1.0
+    with TaskStore(s.store.path) as other, other.write() as c:
+        other.append(c, msgpack.packb([[], [img]]))
     an = pulse(s).anomalies
     assert [(a.code, a.task_id) for a in an] == [("COMPLETED_WITHOUT_RUN", "b")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import msgpack
 import pytest
 
 from baton.scheduler import Scheduler
@@ -26,20 +27,30 @@ def test_migration_from_v1_keeps_data(tmp_path):
         assert st.schema_version == 1
         cols = {r[1] for r in st.conn.execute("PRAGMA table_info(tasks)")}
         assert "manifest_id" not in cols
-    # A v1 store written by the v1 code path (same INSERT the scheduler uses minus later columns).
-    s1 = Scheduler(TaskStore(path, migrate_to=1), clock=ManualClock())
-    with s1.store.write() as c:
-        c.execute(
-            "INSERT INTO tasks (id, status, agent_type, source, base_priority, risk, policy, deadline_sort,"
-            " estimate, static_score, max_attempts, created_at, updated_at, spec)"
-            " VALUES ('old', 'pending', 'impl', 'human', 5, 'Medium', 'block', 1e18, 0, 30, 3, 1, 1, ?)",
-            (b"\x80",),
-        )
-    s1.close()
-    with TaskStore(path) as st:
-        assert st.schema_version == SCHEMA_VERSION
-        assert st.conn.execute("SELECT id FROM tasks").fetchall() == [("old",)]
-        assert st.conn.execute("SELECT count(*) FROM manifests").fetchone()[0] == 0
+        # A v1 row as the v1 scheduler wrote it (the spec blob held every TaskSpec field but id and input).
+        spec_v1 = msgpack.packb({
+            "summary": "from v1", "description": "", "agent_type": "impl", "source": "human", "base_priority": 5,
+            "prerequisites": [], "deadline": None, "estimated_duration_s": None, "max_attempts": 3,
+            "timeout_s": None, "idempotency_key": None, "risk": "Medium", "acceptance_criteria": [["ac", "ok"]],
+            "file_scope": [], "conflicts_with": [], "on_prerequisite_failure": None, "metadata": {"k": 1},
+        })
+        with st.write() as c:
+            c.execute(
+                "INSERT INTO tasks (id, status, agent_type, source, base_priority, risk, policy, deadline_sort,"
+                " estimate, static_score, max_attempts, created_at, updated_at, ready_at, spec, input)"
+                " VALUES ('old', 'ready', 'impl', 'human', 5, 'Medium', 'block', 1e18, 0, 30, 3, 1, 1, 1, ?, ?)",
+                (spec_v1, b"\x01raw"),
+            )
+    s = Scheduler(path, clock=ManualClock())
+    assert s.store.schema_version == SCHEMA_VERSION
+    tables = {r[0] for r in s.store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"records", "journal", "manifests"} <= tables and "tasks" not in tables
+    t = s.get("old")
+    assert (t.summary, t.status.value, t.input, t.metadata) == ("from v1", "ready", b"raw", {"k": 1})
+    assert t.acceptance_criteria[0].text == "ok"
+    claim = s.claim("impl", "w")
+    assert claim is not None and claim.task_id == "old"
+    s.close()
 
 
 def test_migrations_are_consecutive():
@@ -124,34 +135,109 @@ def test_closed_store_raises(tmp_path):
         st.conn
 
 
-def test_insert_many_writes_all_null_columns_as_null(tmp_path):
-    from baton.store import insert_many
-
-    c = sqlite3.connect(tmp_path / "i.db", isolation_level=None)
-    c.execute("CREATE TABLE t (a TEXT, b INTEGER DEFAULT 7, c BLOB, d REAL)")
-    insert_many(c, "t", ("a", "b", "c", "d"), [("x", None, b"\x00", None), ("y", None, None, 1.5)])
-    insert_many(c, "t", ("a", "b", "c", "d"), [])
-    insert_many(c, "t", ("a", "b", "c", "d"), [("z", 1, b"", 0.0)])
-    assert c.execute("SELECT a, b, c, d FROM t ORDER BY a").fetchall() == [
-        ("x", None, b"\x00", None), ("y", None, None, 1.5), ("z", 1, b"", 0.0),
-    ]
-    c.close()
-
-
 def test_migration_from_v2_keeps_data_and_running_claims(tmp_path):
-    """v3 drops an index only; a v2 store with a running claim opens, and the claim completes."""
+    """A v2 store with a running claim is rewritten as records (v4); the claim still completes."""
     path = tmp_path / "v2.db"
     clock = ManualClock()
-    s2 = Scheduler(TaskStore(path, migrate_to=2), clock=clock)
-    s2.enqueue_many([spec("a"), spec("b", prerequisites=["a"])])
-    claim = s2.claim("impl", "w1")
-    assert claim is not None and claim.task_id == "a"
-    s2.close()
+    spec_v2 = msgpack.packb({"summary": "s", "agent_type": "impl", "prerequisites": [], "acceptance_criteria": []})
+    with TaskStore(path, migrate_to=2) as st, st.write() as c:
+        # What the v2 scheduler left behind: 'a' claimed by w1 under token 1, 'b' waiting on it.
+        c.execute("UPDATE meta SET value = 1 WHERE key = 'fence'")
+        c.execute(
+            "INSERT INTO tasks (id, status, agent_type, source, base_priority, risk, policy, deadline_sort,"
+            " estimate, static_score, max_attempts, created_at, updated_at, ready_at, started_at, attempts,"
+            " lease_holder, lease_expires_at, fencing_token, unmet, spec) VALUES"
+            " ('a', 'running', 'impl', 'human', 5, 'Medium', 'block', 1e18, 0, 30, 3, 1, 1, 1, ?1, 1, 'w1', ?2, 1, 0, ?3),"
+            " ('b', 'pending', 'impl', 'human', 5, 'Medium', 'block', 1e18, 0, 30, 3, 1, 1, NULL, NULL, 0, NULL, NULL,"
+            "  0, 1, ?3)",
+            (clock(), clock() + 60, spec_v2),
+        )
+        c.execute("INSERT INTO deps (task_id, prereq_id) VALUES ('b', 'a')")
     s3 = Scheduler(TaskStore(path), clock=clock)
-    assert s3.store.schema_version == SCHEMA_VERSION >= 3
-    names = {r[0] for r in s3.store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert "tasks_running_type" not in names and "tasks_running_lease" in names
-    assert s3.complete("a", claim.fencing_token, {"ok": 1}) == ["b"]
+    assert s3.store.schema_version == SCHEMA_VERSION >= 4
+    assert s3.get("a").lease_holder == "w1" and s3.get("b").status.value == "pending"
+    assert s3.complete("a", 1, {"ok": 1}) == ["b"]
     assert s3.get("a").result == {"ok": 1} and s3.status_of("b").value == "ready"
     assert s3.store.integrity_check() == "ok"
     s3.close()
+
+
+def _snapshot(s: Scheduler) -> list[dict]:
+    return [t.model_dump() for t in s.tasks()]
+
+
+def _churn(s: Scheduler, clock: ManualClock) -> None:
+    """A bit of everything: dependents, claims, completions, a retry, a dead letter, a cascade."""
+    s.enqueue_many([spec(f"t{i}", prerequisites=[f"t{i - 3}"] if i >= 3 else []) for i in range(12)])
+    for _ in range(3):
+        cs = s.claim_many("impl", "w", 2)
+        s.complete_many([(c.task_id, c.fencing_token, {"by": c.task_id}) for c in cs[:1]])
+        for c in cs[1:]:
+            s.fail(c.task_id, c.fencing_token, "flaky")
+        clock.advance(5)
+    s.cancel("t11")
+    c = s.claim("impl", "w")
+    assert c is not None
+    s.fail(c.task_id, c.fencing_token, "broken", transient=False)
+
+
+def test_checkpoint_folds_journal_and_reopens_identically(tmp_path):
+    clock = ManualClock()
+    s = make(tmp_path, clock, wip_per_agent_type=None, checkpoint_records=5)
+    _churn(s, clock)
+    before = _snapshot(s)
+    floor = s.store.conn.execute("SELECT value FROM meta WHERE key = 'journal_floor'").fetchone()[0]
+    left = s.store.conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+    assert floor > 0 and left < floor  # checkpoints happened and truncated the journal
+    s.close()
+    s2 = make(tmp_path, clock, wip_per_agent_type=None)
+    assert _snapshot(s2) == before
+    s2.close()
+
+
+def test_journal_alone_reopens_identically(tmp_path):
+    clock = ManualClock()
+    s = make(tmp_path, clock, wip_per_agent_type=None)
+    _churn(s, clock)
+    before = _snapshot(s)
+    assert s.store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 0  # no checkpoint yet
+    s.close()
+    s2 = make(tmp_path, clock, wip_per_agent_type=None)
+    assert _snapshot(s2) == before
+    s2.close()
+
+
+def test_two_schedulers_on_one_store_see_each_other(tmp_path):
+    clock = ManualClock()
+    s1 = make(tmp_path, clock, wip_per_agent_type=None, checkpoint_records=4)
+    s2 = make(tmp_path, clock, wip_per_agent_type=None, checkpoint_records=1_000_000)
+    s1.enqueue_many([spec("a"), spec("b"), spec("c", prerequisites=["a"])])
+    assert s2.status_of("a").value == "ready"  # a read catches up
+    ca = s2.claim("impl", "w2")
+    assert ca is not None and ca.task_id == "a"
+    cb = s1.claim("impl", "w1")  # s1 learns of s2's claim before deciding
+    assert cb is not None and cb.task_id == "b"
+    assert s1.complete("a", ca.fencing_token, "done by s1") == ["c"]
+    # s1 has checkpointed past what s2 has seen: s2 reloads from the snapshot instead of missing entries.
+    s1.enqueue_many([spec(f"x{i}") for i in range(10)])
+    assert s1.store.journal_floor(s1.store.conn) > s2._applied
+    assert s2.get("a").result == "done by s1" and s2.status_of("c").value == "ready"
+    assert _snapshot(s2) == _snapshot(s1)
+    s1.close()
+    s2.close()
+
+
+def test_failed_transaction_leaves_memory_and_store_unchanged(tmp_path):
+    s = make(tmp_path)
+    s.enqueue(spec("a"))
+    with pytest.raises(RuntimeError, match="boom"):
+        with s.transaction():
+            s.enqueue(spec("b"))
+            claim = s.claim("impl", "w")
+            assert claim is not None
+            raise RuntimeError("boom")
+    assert [t.id for t in s.tasks()] == ["a"] and s.status_of("a").value == "ready"
+    s.close()
+    s2 = make(tmp_path)
+    assert [t.id for t in s2.tasks()] == ["a"] and s2.status_of("a").value == "ready"
+    s2.close()

@@ -58,7 +58,7 @@ def _check_consistent(sch: Scheduler) -> None:
         pre = sch.prerequisites_of(t.id)
         unmet = sum(1 for p in pre if tasks[p].status is not Status.COMPLETED)
         if t.status in (Status.PENDING, Status.READY):
-            stored = sch.store.conn.execute("SELECT unmet FROM tasks WHERE id = ?", (t.id,)).fetchone()[0]
+            stored = sch.record(t.id).unmet
             assert stored == unmet, (t.id, stored, unmet)
             assert (t.status is Status.READY) == (unmet == 0), t.id
         if t.status is Status.RUNNING:
@@ -135,8 +135,7 @@ CLAIMER = textwrap.dedent(
     while len(got) < quota:
         cs = sch.claim_many("x", sys.argv[3], 2)
         if not cs:
-            done = sch.store.conn.execute("SELECT count(*) FROM tasks WHERE status = 'completed'").fetchone()[0]
-            if done == total:
+            if sch.count("completed") == total:
                 break
             continue
         got.extend(c.task_id for c in cs)

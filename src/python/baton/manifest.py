@@ -31,11 +31,12 @@ from pydantic import (
     field_validator,
 )
 
+from baton import priority as prio
 from baton.models import RISK_RANK, TERMINAL, ExecutionPlan, Risk, Status, normalize_risk, unpack
 from baton.planner import build_plan, gc_paused, split_conflicts, topological_batches
 from baton.scheduler import Scheduler
 from baton.scheduler_errors import ManifestError, TaskValidationError
-from baton.store import chunked
+from baton.taskstate import unpack_spec
 
 __all__ = [
     "ManifestTask",
@@ -309,13 +310,11 @@ def _validate(
     stored_owner: dict[str, str | None] = {}
     stored_status: dict[str, str] = {}
     if sch is not None:
-        wanted = sorted(seen | {d for t in m.tasks for d in t.depends_on_tasks})
-        c = sch.store.conn
-        for part in chunked(wanted):
-            q = ",".join("?" * len(part))
-            for tid, owner, st in c.execute(f"SELECT id, manifest_id, status FROM tasks WHERE id IN ({q})", part):
-                stored_owner[tid] = owner
-                stored_status[tid] = st
+        for tid in seen | {d for t in m.tasks for d in t.depends_on_tasks}:
+            rec = sch.record(tid)
+            if rec is not None:
+                stored_owner[tid] = rec.manifest_id
+                stored_status[tid] = rec.status
         for tid in sorted(seen):
             if tid in stored_owner and stored_owner[tid] != mid:
                 blocked("DUPLICATE-ID", tid, f"task_id {tid} already exists outside manifest {mid}")
@@ -408,8 +407,7 @@ def _import(
     if wip_limit is None:
         wip_limit = scheduler.config.wip_limit_for(agent_type)
     digest = hashlib.sha256(canon).hexdigest()
-    st = scheduler.store
-    with st.write() as c:
+    with scheduler.transaction() as c:
         report = _validate(m, mid, digest, Path(base_dir), scheduler, wip_limit)
         prev = c.execute("SELECT hash, task_ids FROM manifests WHERE manifest_id = ?", (mid,)).fetchone()
         prev_hash = prev[0] if prev else None
@@ -419,19 +417,13 @@ def _import(
         if prev_hash == digest:
             return ImportResult(manifest_id=mid, hash=digest, previous_hash=prev_hash, status="unchanged",
                                 report=report)
-        existing: dict[str, bytes] = {}
         ids = [t.task_id for t in m.tasks]
-        for part in chunked(ids):
-            q = ",".join("?" * len(part))
-            for tid, spec in c.execute(
-                f"SELECT id, spec FROM tasks WHERE manifest_id = ? AND id IN ({q})", (mid, *part)
-            ):
-                existing[tid] = spec
         new_tasks: list[tuple[ManifestTask, Any]] = []
         changed: list[str] = []
         for t, raw in zip(m.tasks, raw_tasks):
-            if t.task_id in existing:
-                old = unpack(existing[t.task_id])
+            rec = scheduler.record(t.task_id)
+            if rec is not None and rec.manifest_id == mid:
+                old = unpack_spec(rec.spec)
                 if _canonical(old["metadata"].get("manifest")) != _canonical(raw):
                     changed.append(t.task_id)
                 continue
@@ -442,7 +434,7 @@ def _import(
             now_ids = set(ids)
             removed = [x for x in unpack(prev[1]) if x not in now_ids]
         try:
-            res = scheduler._enqueue_in(c, specs, manifest_id=mid)
+            res = scheduler.enqueue_many(specs, manifest_id=mid)  # joins this transaction
         except TaskValidationError as exc:
             # Shape was fine but a field violates a task rule (e.g. an id with spaces): reject the manifest.
             raise ManifestError(f"manifest task rejected: {exc.message}", details=exc.details) from None
@@ -486,24 +478,17 @@ def stored_hash(scheduler: Scheduler, manifest_id: str) -> str | None:
 
 # --- ordering and plans ------------------------------------------------------------------------------------
 
-_RISK_SQL: Final = "CASE risk WHEN 'High' THEN 0 WHEN 'Medium' THEN 1 ELSE 2 END"
-
-
 def next_eligible(scheduler: Scheduler, limit: int = 10, *, manifest_id: str | None = None) -> list[str]:
     """Tasks whose dependencies are complete, High risk before Medium before Low, then by priority."""
     now = scheduler.clock()
-    where = "status = 'ready' AND not_before <= ?"
-    args: list[Any] = [now]
-    if manifest_id is not None:
-        where += " AND manifest_id = ?"
-        args.append(manifest_id)
-    with scheduler.store.write() as c:
-        scheduler._refresh(c, now)
-        rows = c.execute(
-            f"SELECT id FROM tasks WHERE {where} ORDER BY {_RISK_SQL}, rank DESC, deadline_sort, seq LIMIT ?",
-            (*args, limit),
-        ).fetchall()
-    return [r[0] for r in rows]
+    scheduler.refresh_priorities()
+    ready = [
+        r for r in scheduler.records(Status.READY.value)
+        if r.not_before <= now and (manifest_id is None or r.manifest_id == manifest_id)
+    ]
+    ready.sort(key=lambda r: (RISK_RANK[r.risk], -r.rank, prio.NO_DEADLINE if r.deadline is None else r.deadline,
+                              r.seq))
+    return [r.id for r in ready[:limit]]
 
 
 def manifest_plan(
@@ -511,18 +496,15 @@ def manifest_plan(
 ) -> ExecutionPlan:
     """Plan the manifest's unfinished tasks with conflict-free parallel batches: no two tasks in one batch
     overlap in file_scope or are linked by conflicts_with, and tasks marked ``parallel: false`` run alone."""
-    c = scheduler.store.conn
-    rows = c.execute(
-        "SELECT id, status, estimate, risk, rank, spec FROM tasks WHERE manifest_id = ? ORDER BY seq", (manifest_id,)
-    ).fetchall()
-    if not rows:
+    recs = sorted((r for r in scheduler.records() if r.manifest_id == manifest_id), key=lambda r: r.seq)
+    if not recs:
         raise ManifestError(f"no tasks imported for manifest {manifest_id!r}")
-    live = [r for r in rows if r[1] not in TERMINAL]
-    skipped = {r[0]: Status(r[1]) for r in rows if r[1] in TERMINAL}
-    specs = {r[0]: unpack(r[5]) for r in live}
-    est = {r[0]: (r[2] if r[2] > 0 else default_estimate_s) for r in live}
-    prereqs = {t: s["prerequisites"] for t, s in specs.items()}
-    order = {r[0]: (RISK_RANK[r[3]], -r[4], i) for i, r in enumerate(live)}
+    live = [r for r in recs if r.status not in TERMINAL]
+    skipped = {r.id: Status(r.status) for r in recs if r.status in TERMINAL}
+    specs = {r.id: unpack_spec(r.spec) for r in live}
+    est = {r.id: (r.estimate if r.estimate > 0 else default_estimate_s) for r in live}
+    prereqs = {r.id: r.prereqs for r in live}
+    order = {r.id: (RISK_RANK[r.risk], -r.rank, i) for i, r in enumerate(live)}
     levels, _ = topological_batches(list(est), prereqs)
     batches = split_conflicts(
         levels,
@@ -531,11 +513,10 @@ def manifest_plan(
         solo={t for t, s in specs.items() if s["metadata"].get("manifest", {}).get("parallel") is False},
         order_key=order.__getitem__,
     )
-    done = {r[0] for r in rows if r[1] == Status.COMPLETED.value}
-    outside = {p for ps in prereqs.values() for p in ps if p not in est}
-    if outside - done:
-        for part in chunked(sorted(outside - done)):
-            q = ",".join("?" * len(part))
-            done.update(r[0] for r in c.execute(f"SELECT id FROM tasks WHERE status = 'completed' AND id IN ({q})", part))
+    done = {r.id for r in recs if r.status == Status.COMPLETED.value}
+    for p in {p for ps in prereqs.values() for p in ps if p not in est} - done:
+        rec = scheduler.record(p)
+        if rec is not None and rec.status == Status.COMPLETED.value:
+            done.add(p)
     return build_plan(est, prereqs, wip_limit=wip_limit, external_done=done, skipped_terminal=skipped,
                       batches=batches)

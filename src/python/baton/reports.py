@@ -1,19 +1,21 @@
 """Read-only reports: queue status, the progress pulse (text and JSON) and anomaly flags.
 
-Everything is read in one snapshot (a read transaction), so the numbers in one report agree with each other.
+Everything is read from the scheduler's memory in one go (no transaction in between), so the numbers in one
+report agree with each other.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from baton import priority as prio
 from baton.manifest import next_eligible
-from baton.models import TERMINAL, Status, unpack
+from baton.models import TERMINAL, Status
 from baton.scheduler import Scheduler
+from baton.taskstate import TaskRecord, unpack_spec
 
 __all__ = ["QueueStatus", "Pulse", "Anomaly", "queue_status", "pulse", "render_pulse"]
 
@@ -92,39 +94,38 @@ def queue_status(sch: Scheduler) -> QueueStatus:
     now = sch.clock()
     w = sch.config.weights
     by = dict.fromkeys((s.value for s in Status), 0)
-    total = 0
     prio_sum = 0.0
     prio_n = 0
-    oldest_p: tuple[float, str, bytes] | None = None
-    oldest_w: tuple[float, str, bytes] | None = None
-    with sch.store.read() as c:
-        for st, n in c.execute("SELECT status, count(*) FROM tasks GROUP BY status"):
-            by[st] = n
-            total += n
-        for tid, st, base, source, deadline, est, depth, ready_at, created, spec in c.execute(
-            "SELECT id, status, base_priority, source, deadline, estimate, depth, ready_at, created_at, spec"
-            " FROM tasks WHERE status IN ('pending', 'ready', 'blocked', 'running')"
-        ):
-            b = prio.explain(w, base_priority=base, depth=depth, source=source, deadline=deadline, estimate=est,
-                             ready_at=ready_at if st == "ready" else None, now=now)
-            prio_sum += b.total
-            prio_n += 1
-            if st != "running" and (oldest_w is None or created < oldest_w[0]):
-                oldest_w = (created, tid, spec)
-            if st == "pending" and (oldest_p is None or created < oldest_p[0]):
-                oldest_p = (created, tid, spec)
+    oldest_p: TaskRecord | None = None
+    oldest_w: TaskRecord | None = None
+    for r in sch.records():
+        st = r.status
+        by[st] += 1
+        if st in _DONE:
+            continue
+        b = prio.explain(w, base_priority=r.base_priority, depth=r.depth, source=r.source, deadline=r.deadline,
+                         estimate=r.estimate, ready_at=r.ready_at if st == "ready" else None, now=now)
+        prio_sum += b.total
+        prio_n += 1
+        if st != "running" and (oldest_w is None or r.created < oldest_w.created):
+            oldest_w = r
+        if st == "pending" and (oldest_p is None or r.created < oldest_p.created):
+            oldest_p = r
 
-    def age(x: tuple[float, str, bytes] | None) -> TaskAge | None:
-        if x is None:
+    def age(r: TaskRecord | None) -> TaskAge | None:
+        if r is None:
             return None
-        return TaskAge(task_id=x[1], summary=_summary(x[2]), since=_iso(x[0]), age_s=now - x[0])
+        return TaskAge(task_id=r.id, summary=_summary(r), since=_iso(r.created), age_s=now - r.created)
 
-    return QueueStatus(total=total, by_status=by, average_priority=prio_sum / prio_n if prio_n else None,
+    return QueueStatus(total=sum(by.values()), by_status=by, average_priority=prio_sum / prio_n if prio_n else None,
                        oldest_pending=age(oldest_p), oldest_waiting=age(oldest_w))
 
 
-def _summary(spec: bytes) -> str:
-    return str(unpack(spec)["summary"])
+_DONE: Final = frozenset(s.value for s in TERMINAL)
+
+
+def _summary(r: TaskRecord) -> str:
+    return str(unpack_spec(r.spec)["summary"])
 
 
 def pulse(
@@ -132,66 +133,62 @@ def pulse(
 ) -> Pulse:
     """The progress pulse.  ``manifest_id`` restricts it to one manifest's tasks."""
     now = sch.clock()
-    scope = "" if manifest_id is None else " AND manifest_id = :m"
-    params: dict[str, Any] = {"m": manifest_id}
     nxt = next_eligible(sch, next_n, manifest_id=manifest_id)
     reasons = sch.waiting_reasons()
     counts = dict.fromkeys((s.value for s in Status), 0)
-    with sch.store.read() as c:
-        for st, n in c.execute(f"SELECT status, count(*) FROM tasks WHERE 1 {scope} GROUP BY status", params):
-            counts[st] = n
-        total = sum(counts.values())
-        hr = dict(c.execute(
-            f"SELECT status IN ('completed'), count(*) FROM tasks WHERE risk = 'High'"
-            f" AND status NOT IN ('cancelled', 'failed', 'dead_lettered') {scope} GROUP BY 1", params
-        ).fetchall())
-        latest = c.execute(
-            f"SELECT id, spec, finished_at FROM tasks WHERE status = 'completed' {scope}"
-            " ORDER BY finished_at DESC, seq DESC LIMIT 1", params
-        ).fetchone()
-        running = c.execute(
-            f"SELECT id, spec, agent_type, risk, lease_holder, started_at, criteria_done FROM tasks"
-            f" WHERE status = 'running' {scope} ORDER BY started_at, seq", params
-        ).fetchall()
-        blocked_rows = c.execute(
-            f"SELECT id, status FROM tasks WHERE status = 'blocked' {scope} ORDER BY seq", params
-        ).fetchall()
-        dead_blocking = c.execute(
-            f"SELECT DISTINCT p.id, p.status, p.error FROM tasks p JOIN deps d ON d.prereq_id = p.id"
-            f" JOIN tasks t ON t.id = d.task_id WHERE p.status IN ('dead_lettered', 'failed')"
-            f" AND p.requeued_as IS NULL AND t.status NOT IN ('completed', 'cancelled', 'failed', 'dead_lettered')"
-            f" {scope.replace('manifest_id', 'p.manifest_id')} ORDER BY p.seq",
-            params,
-        ).fetchall()
-        no_run = c.execute(
-            f"SELECT id FROM tasks WHERE status = 'completed' AND (attempts = 0 OR started_at IS NULL) {scope}",
-            params,
-        ).fetchall()
-        running_by_type = dict(c.execute(
-            "SELECT agent_type, count(*) FROM tasks WHERE status = 'running' GROUP BY agent_type"
-        ).fetchall())
+    recs = [r for r in sch.records() if manifest_id is None or r.manifest_id == manifest_id]
+    hr_done = hr_left = 0
+    latest: TaskRecord | None = None
+    running: list[TaskRecord] = []
+    blocked: list[TaskRecord] = []
+    no_run: list[str] = []
+    for r in recs:
+        st = r.status
+        counts[st] += 1
+        if r.risk == "High" and st not in ("cancelled", "failed", "dead_lettered"):
+            if st == "completed":
+                hr_done += 1
+            else:
+                hr_left += 1
+        if st == "completed":
+            if latest is None or (r.finished, r.seq) > (latest.finished, latest.seq):
+                latest = r
+            if r.attempts == 0 or r.started is None:
+                no_run.append(r.id)
+        elif st == "running":
+            running.append(r)
+        elif st == "blocked":
+            blocked.append(r)
+    # Dead letters and failures that still hold up live dependents (and were not requeued).
+    dead_blocking = [
+        r for r in recs
+        if r.status in ("dead_lettered", "failed") and r.requeued_as is None
+        and any(sch.status_of(d).value not in _DONE for d in sch.dependents_of(r.id))
+    ]
+    total = len(recs)
 
     in_progress: list[InProgress] = []
-    for tid, spec, at, risk, holder, started, done_blob in running:
-        d = unpack(spec)
-        done = list(unpack(done_blob)) if done_blob else []
-        all_ac = [a for a, _ in d["acceptance_criteria"]]
+    for r in sorted(running, key=lambda r: (r.started or 0.0, r.seq)):
+        d = unpack_spec(r.spec)
+        all_ac = [a["id"] for a in d["acceptance_criteria"]]
         in_progress.append(InProgress(
-            task_id=tid, summary=d["summary"], agent_type=at, risk=risk, lease_holder=holder,
-            started_at=_iso(started), running_for_s=now - started if started else 0.0,
-            criteria_done=[a for a in all_ac if a in done], criteria_remaining=[a for a in all_ac if a not in done],
+            task_id=r.id, summary=d["summary"], agent_type=r.agent_type, risk=r.risk, lease_holder=r.holder,
+            started_at=_iso(r.started), running_for_s=now - r.started if r.started else 0.0,
+            criteria_done=[a for a in all_ac if a in r.criteria_done],
+            criteria_remaining=[a for a in all_ac if a not in r.criteria_done],
         ))
     oldest = None
     if in_progress:
         o = max(in_progress, key=lambda x: x.running_for_s)
         oldest = TaskAge(task_id=o.task_id, summary=o.summary, since=o.started_at, age_s=o.running_for_s)
 
-    blockers = [Blocker(task_id=t, status=st, reason=reasons.get(t, st)) for t, st in blocked_rows]
-    blockers += [Blocker(task_id=t, status=st, reason=f"{st} with waiting dependents: {err}")
-                 for t, st, err in dead_blocking]
+    blockers = [Blocker(task_id=r.id, status=r.status, reason=reasons.get(r.id, r.status)) for r in blocked]
+    blockers += [Blocker(task_id=r.id, status=r.status, reason=f"{r.status} with waiting dependents: {r.error}")
+                 for r in dead_blocking]
 
     anomalies = [Anomaly(code="COMPLETED_WITHOUT_RUN", task_id=t,
-                         message=f"{t} is completed but was never claimed") for (t,) in no_run]
+                         message=f"{t} is completed but was never claimed") for t in no_run]
+    running_by_type = sch.running_by_type()
     for at, n in sorted(running_by_type.items()):
         lim = sch.config.wip_limit_for(at)
         if lim is not None and n > lim:
@@ -212,10 +209,11 @@ def pulse(
         counts=counts,
         total=total,
         progress_pct=round(100.0 * counts[Status.COMPLETED.value] / denom, 2) if denom else 0.0,
-        high_risk_done=hr.get(1, 0),
-        high_risk_remaining=hr.get(0, 0),
+        high_risk_done=hr_done,
+        high_risk_remaining=hr_left,
         latest_completed=None if latest is None else TaskAge(
-            task_id=latest[0], summary=_summary(latest[1]), since=_iso(latest[2]), age_s=now - latest[2]),
+            task_id=latest.id, summary=_summary(latest), since=_iso(latest.finished),
+            age_s=now - (latest.finished or now)),
         in_progress=in_progress,
         next_eligible=nxt,
         blockers=blockers,
