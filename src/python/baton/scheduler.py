@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgpack
-from pydantic import TypeAdapter
-
 from baton import priority as prio
 from baton.models import (
     TERMINAL,
@@ -70,7 +68,15 @@ from baton.scheduler_errors import (
     UnknownTask,
 )
 from baton.store import TaskStore
-from baton.taskstate import TaskRecord, new_record, pack_image, pack_spec, unpack_image, unpack_spec
+from baton.taskstate import (
+    TaskRecord,
+    pack_image,
+    pack_spec,
+    pack_tuple,
+    unpack_image,
+    unpack_spec,
+    unpack_values,
+)
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
@@ -119,14 +125,13 @@ class SchedulerConfig:
         return self.wip_limits.get(agent_type, self.wip_per_agent_type)
 
 
-def _new_id() -> str:
-    """A UUIDv7 (RFC 9562) as 32 hex digits: 48 bits of unix milliseconds, then random bits, version 7 and
-    the RFC variant.  Time-ordered, so ids generated together sort together; built from os.urandom without
-    a UUID object (about 1 us)."""
-    b = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
-    b[6] = (b[6] & 0x0F) | 0x70
-    b[8] = (b[8] & 0x3F) | 0x80
-    return b.hex()
+def _new_ids(n: int) -> Iterator[str]:
+    """``n`` fresh task ids: 12 hex digits of unix milliseconds, then 20 random hex digits (80 bits).
+    Time-ordered, so ids generated together sort together; one os.urandom call per batch (~0.2 us per id,
+    a UUID object per id cost ~1.3 us)."""
+    ms = f"{time.time_ns() // 1_000_000:012x}"
+    rnd = os.urandom(10 * n).hex()
+    return (ms + rnd[k : k + 20] for k in range(0, 20 * n, 20))
 
 
 def _ts(dt: datetime | None) -> float | None:
@@ -153,6 +158,7 @@ class Scheduler:
         self.clock = clock
         self.rng = rng or random.Random()
         self._w = self.config.weights
+        self._aging_rate = self._w.aging_rate
         self._in_txn = False
         self._load()
 
@@ -206,7 +212,7 @@ class Scheduler:
     def _replay(self, c: sqlite3.Connection, now: float) -> None:
         self._replayed: dict[str, TaskRecord] = {}
         for seq, entry in self.store.journal_after(c, self._applied):
-            ops, images = msgpack.unpackb(entry, raw=False, strict_map_key=False)
+            ops, images = unpack_values(entry)
             for op in ops:
                 for rec in self._apply_op(op):
                     self._replayed[rec.id] = rec
@@ -265,20 +271,25 @@ class Scheduler:
         if not self._ops and not self._puts:
             return
         self._unsaved.update(self._puts)
-        entry = _PACK([self._ops, [pack_image(r) for r in self._puts.values()]])
-        self._applied = self.store.append(c, entry)
+        # The images are already msgpack: the entry is assembled from them rather than packed again.
+        images = [r.img or _cache_image(r) for r in self._puts.values()]
+        entry = _PACK(self._ops) + _array_header(len(images)) + b"".join(images)
+        self._applied = self.store.append(c, b"\x92" + entry)  # fixarray of 2: [ops, images]
         if len(self._unsaved) >= self.config.checkpoint_records:
-            self.store.checkpoint(c, [(r.seq, pack_image(r)) for r in self._unsaved.values()], self._applied)
+            self.store.checkpoint(c, [(r.seq, r.img or pack_image(r)) for r in self._unsaved.values()], self._applied)
+            for r in self._unsaved.values():
+                r.img = None  # cached only until the snapshot has it
             self._unsaved.clear()
 
     def _touch(self, rec: TaskRecord) -> None:
+        rec.img = None
         self._puts[rec.id] = rec
         self._mutated = True
 
     def _apply_image(self, img: bytes | list[Any], now: float) -> TaskRecord:
         """Install a record image (snapshot, replay, or another writer's change) and index it."""
         if isinstance(img, bytes):
-            img = msgpack.unpackb(img, raw=False, strict_map_key=False)
+            img = unpack_values(img)
         tid = img[1]
         rec = self._by_id.get(tid)
         if rec is None:
@@ -288,10 +299,11 @@ class Scheduler:
             if rec.seq >= self._next_seq:
                 self._next_seq = rec.seq + 1
         else:
-            old_status, old_prereqs = rec.status, list(rec.prereqs)
+            old_status, old_prereqs = rec.status, rec.prereqs
             unpack_image(img, into=rec)
+            rec.img = None
         rec.static = prio.static_score(self._w, rec.base_priority, rec.depth, rec.source)
-        if list(old_prereqs) != rec.prereqs:
+        if old_prereqs != rec.prereqs:
             for p in old_prereqs:
                 self._children.get(p, []).remove(tid)
             for p in rec.prereqs:
@@ -331,17 +343,21 @@ class Scheduler:
 
     def _queue(self, rec: TaskRecord, now: float) -> None:
         """(Re)queue a ready record with its current rank; older queue entries become stale (qver)."""
-        rec.rank = prio.rank_key(self._w, rec.static, rec.deadline, rec.estimate, rec.ready_at or now, now)
-        rec.qver += 1
-        if rec.deadline is not None:
+        qv = rec.qver = rec.qver + 1
+        if rec.deadline is None:  # the common case, inlined: rank = static - aging_rate * ready_at
+            rec.rank = rank = rec.static - self._aging_rate * (rec.ready_at or now)
+            key = prio.NO_DEADLINE
+        else:
+            rec.rank = rank = prio.rank_key(self._w, rec.static, rec.deadline, rec.estimate, rec.ready_at or now, now)
+            key = rec.deadline
             self._ready_deadline[rec.id] = rec
         if rec.not_before > now:
-            heapq.heappush(self._delayed, (rec.not_before, rec.seq, rec.qver, rec))
+            heapq.heappush(self._delayed, (rec.not_before, rec.seq, qv, rec))
         else:
-            heapq.heappush(
-                self._ready.setdefault(rec.agent_type, []),
-                (-rec.rank, prio.NO_DEADLINE if rec.deadline is None else rec.deadline, rec.seq, rec.qver, rec),
-            )
+            heap = self._ready.get(rec.agent_type)
+            if heap is None:
+                heap = self._ready[rec.agent_type] = []
+            heapq.heappush(heap, (-rank, key, rec.seq, qv, rec))
 
     def _promote_delayed(self, now: float) -> None:
         d = self._delayed
@@ -358,21 +374,29 @@ class Scheduler:
         out = []
         if op[0] == _OP_CLAIM:
             _, now, holder, fence, items = op
+            by_id, leases, push = self._by_id, self._leases, heapq.heappush
             for tid, expires in items:
-                rec = self._by_id[tid]
-                old = rec.status
+                rec = by_id[tid]  # ready (checked by the claimer): _index inlined for that case
+                rec.img = None
                 rec.status = _RUNNING
                 rec.attempts += 1
                 rec.holder = holder
                 rec.expires = expires
                 rec.token = fence
                 rec.started = rec.updated = now
-                self._index(rec, old, now)
+                if rec.deadline is not None:
+                    self._ready_deadline.pop(tid, None)
+                push(leases, (expires, rec.seq, fence, rec))
                 out.append(rec)
+            n = len(items)
+            self._counts[_READY] -= n
+            self._counts[_RUNNING] += n
+            self._running_n[by_id[items[0][0]].agent_type] += n
         elif op[0] == _OP_DONE:
             _, now, items = op
             for tid, blob in items:
                 rec = self._by_id[tid]
+                rec.img = None
                 old = rec.status
                 rec.status = _COMPLETED
                 rec.result = blob
@@ -420,159 +444,137 @@ class Scheduler:
         manifest_id: str | None = None,
         requeued_from: Mapping[str, str] | None = None,
     ) -> list[EnqueueResult]:
-        n = len(specs)
-        results: list[EnqueueResult | None] = [None] * n
         by_id = self._by_id
+        results: list[EnqueueResult | None] = [None] * len(specs)
 
-        # Idempotency: a known key returns the existing task, and so does a repeat of a key inside the batch.
+        # Ids, idempotency and duplicates in one pass.  A known key returns the existing task, and so does a
+        # repeat of a key inside the batch (resolved at the end, once the first holder has its id).
         batch_keys: dict[str, int] = {}
-        new: list[tuple[int, TaskSpec, str]] = []  # (index, spec, id)
+        new: dict[str, tuple[int, TaskSpec]] = {}  # id -> (index, spec), in submission order
+        details: list[dict[str, Any]] = []
+        fresh_ids = _new_ids(sum(1 for s in specs if s.id is None))
+        has_prereqs = False
         for i, s in enumerate(specs):
             k = s.idempotency_key
             if k is not None:
                 known = self._idem.get(k)
                 if known is not None:
-                    results[i] = EnqueueResult(task_id=known, created=False, status=_STATUS[by_id[known].status])
+                    results[i] = EnqueueResult(known, False, _STATUS[by_id[known].status])
                     continue
                 if k in batch_keys:
-                    continue  # resolved once the first holder of the key has an id
+                    continue
                 batch_keys[k] = i
-            new.append((i, s, s.id if s.id is not None else _new_id()))
-
-        details: list[dict[str, Any]] = []
-        index_of: dict[str, int] = {}
-        for i, _, tid in new:
-            if tid in index_of:
-                details.append({"index": i, "task_id": tid, "code": "DUPLICATE_ID", "message": "id repeated in batch"})
-            elif tid in by_id:
-                details.append({"index": i, "task_id": tid, "code": "DUPLICATE_ID", "message": "id already exists"})
-            index_of[tid] = i
+            tid = s.id if s.id is not None else next(fresh_ids)
+            if tid in new or tid in by_id:
+                details.append({"index": i, "task_id": tid, "code": "DUPLICATE_ID",
+                                "message": "id repeated in batch" if tid in new else "id already exists"})
+            new[tid] = (i, s)
+            has_prereqs = has_prereqs or bool(s.prerequisites)
         if details:
             raise DuplicateTask(f"task id {details[0]['task_id']!r} is not unique", details=details)
 
-        # Prerequisites outside the batch must exist.
-        in_batch = index_of
-        missing = [
-            {"index": i, "task_id": tid, "prerequisite": p, "code": "UNKNOWN_PREREQUISITE",
-             "message": f"prerequisite {p!r} does not exist"}
-            for i, s, tid in new for p in s.prerequisites if p not in in_batch and p not in by_id
-        ]
-        if missing:
-            m = missing[0]
-            raise UnknownPrerequisite(
-                f"task {m['task_id']!r}: prerequisite {m['prerequisite']!r} does not exist", details=missing
-            )
+        if has_prereqs:
+            missing = [
+                {"index": i, "task_id": tid, "prerequisite": p, "code": "UNKNOWN_PREREQUISITE",
+                 "message": f"prerequisite {p!r} does not exist"}
+                for tid, (i, s) in new.items() for p in s.prerequisites if p not in new and p not in by_id
+            ]
+            if missing:
+                m = missing[0]
+                raise UnknownPrerequisite(
+                    f"task {m['task_id']!r}: prerequisite {m['prerequisite']!r} does not exist", details=missing
+                )
+            # Cycles can only form inside the batch (stored tasks cannot depend on tasks not yet created).
+            order = _topo_order(new)
+            # Downstream depth inside the batch (reverse topological order).
+            depth: dict[str, int] = dict.fromkeys(order, 0)
+            for tid in reversed(order):
+                d1 = depth[tid] + 1
+                for p in new[tid][1].prerequisites:
+                    if p in new and depth[p] < d1:
+                        depth[p] = d1
+        else:
+            order = list(new)
+            depth = {}
 
-        # Cycles can only form inside the batch (stored tasks cannot depend on tasks that did not exist yet).
-        spec_of = {tid: s for _, s, tid in new}
-        order = _topo_order(spec_of, in_batch)
-        blobs = [encode_payload(s.input) for _, s, _ in new]  # validated by TaskSpec: cannot fail here
-
-        # Downstream depth inside the batch (reverse topological order).
-        depth: dict[str, int] = dict.fromkeys(order, 0)
-        for tid in reversed(order):
-            d1 = depth[tid] + 1
-            for p in spec_of[tid].prerequisites:
-                if p in in_batch and depth[p] < d1:
-                    depth[p] = d1
-
-        # Create the records (state decided below, in topological order).
+        # Create each record and decide its state, in topological order so a prerequisite's fate is known.
         policy_default = self.config.default_policy.value
         w = self._w
-        recs: dict[str, TaskRecord] = {}
         seq = self._next_seq
-        for (i, s, tid), blob in zip(new, blobs):
-            r = new_record()
-            r.seq = seq
-            seq += 1
-            r.id = tid
-            r.status = _PENDING
-            r.agent_type = s.agent_type
-            r.source = s.source
-            r.base_priority = s.base_priority
-            r.risk = s.risk.value
-            pol = s.on_prerequisite_failure
-            r.policy = policy_default if pol is None else pol.value
-            r.deadline = _ts(s.deadline)
-            r.estimate = s.estimated_duration_s or 0.0
-            r.depth = depth[tid]
-            r.static = prio.static_score(w, s.base_priority, r.depth, s.source)
-            r.max_attempts = s.max_attempts
-            r.timeout = s.timeout_s
-            r.idem = s.idempotency_key
-            r.created = r.updated = now
-            r.spec = pack_spec(s)
-            r.input = blob
-            r.history = []
-            r.criteria_done = []
-            r.prereqs = list(s.prerequisites)
-            r.manifest_id = manifest_id
-            if requeued_from:
-                r.requeued_from = requeued_from.get(tid)
-            recs[tid] = r
-        self._next_seq = seq
-
+        children = self._children
         for tid in order:
-            r = recs[tid]
-            u = 0
-            why: str | None = None
-            st = _PENDING
-            for p in r.prereqs:
-                pst = recs[p].status if p in recs else by_id[p].status
-                if pst == _COMPLETED:
-                    continue
-                if pst in _FAILED_VALUES:
-                    if r.policy == "proceed":
-                        continue
-                    if r.policy == "cancel":
-                        st, why = _CANCELLED, f"prerequisite {p} is {pst}"
-                        break
-                    st = _BLOCKED
-                    why = why or f"prerequisite {p} is {pst}"
-                u += 1
-            if st == _PENDING and u == 0:
-                st = _READY
-                r.ready_at = now
-            elif st == _CANCELLED:
-                r.finished = now
-                r.error = why
-            elif st == _BLOCKED:
-                r.blocked_reason = why
-            r.unmet = u
-            r.status = st
-
-        for r in recs.values():
-            by_id[r.id] = r
+            i, s = new[tid]
+            pol = s.on_prerequisite_failure
+            policy = policy_default if pol is None else pol.value
+            prereqs = tuple(s.prerequisites)
+            d = depth.get(tid, 0)
+            if prereqs:
+                status, unmet, ready_at, finished, error, blocked = self._initial_state(prereqs, policy, now)
+            else:
+                status, unmet, ready_at, finished, error, blocked = _READY, 0, now, None, None, None
+            # The image first (IMAGE_FIELDS order): it builds the record positionally (~2.5x faster than
+            # keywords) and is packed for the journal as is.
+            img = (
+                seq, tid, status, s.agent_type, s.source, s.base_priority, s.risk.value, policy, _ts(s.deadline),
+                s.estimated_duration_s or 0.0, d, unmet, 0, s.max_attempts, s.timeout_s, s.idempotency_key, now,
+                now, ready_at, None, finished, 0.0, None, None, 0, blocked, pack_spec(s), encode_payload(s.input),
+                None, error, (), (), requeued_from.get(tid) if requeued_from else None, None, manifest_id, prereqs,
+            )
+            r = TaskRecord(*img, prio.static_score(w, s.base_priority, d, s.source))
+            r.img = pack_tuple(img)
+            seq += 1
+            by_id[tid] = r
             if r.idem is not None:
-                self._idem[r.idem] = r.id
+                self._idem[r.idem] = tid
             if r.requeued_from is not None:
                 self._requeues[r.requeued_from] += 1
-            for p in r.prereqs:
-                self._children.setdefault(p, []).append(r.id)
+            for p in prereqs:
+                children.setdefault(p, []).append(tid)
             self._index(r, None, now)
-            self._touch(r)
+            self._puts[tid] = r
+            results[i] = EnqueueResult(tid, True, _STATUS[status])
+        self._next_seq = seq
+        self._mutated = True
 
-        # Stored prerequisites now have longer chains below them.
-        bumps: dict[str, int] = {}
-        for _, s, tid in new:
-            for p in s.prerequisites:
-                if p not in in_batch:
-                    bumps[p] = max(bumps.get(p, 0), depth[tid] + 1)
-        if bumps:
-            self._raise_depths(bumps, now)
+        if has_prereqs:  # stored prerequisites now have longer chains below them
+            bumps: dict[str, int] = {}
+            for tid, (_, s) in new.items():
+                for p in s.prerequisites:
+                    if p not in new:
+                        bumps[p] = max(bumps.get(p, 0), depth[tid] + 1)
+            if bumps:
+                self._raise_depths(bumps, now)
 
-        # One validation call for the batch's results (half the cost of one EnqueueResult(...) per task).
-        made = _RESULT_LIST.validate_python(
-            [{"task_id": tid, "created": True, "status": _STATUS[recs[tid].status]} for _, _, tid in new]
-        )
-        for (i, _, _), res in zip(new, made):
-            results[i] = res
         for i, s in enumerate(specs):
             if results[i] is None:  # repeated idempotency key inside the batch
                 first = results[batch_keys[s.idempotency_key]]  # type: ignore[index]
                 assert first is not None
-                results[i] = EnqueueResult(task_id=first.task_id, created=False, status=first.status)
-        return [res for res in results if res is not None]
+                results[i] = EnqueueResult(first.task_id, False, first.status)
+        return results  # type: ignore[return-value]
+
+    def _initial_state(
+        self, prereqs: Sequence[str], policy: str, now: float
+    ) -> tuple[str, int, float | None, float | None, str | None, str | None]:
+        """(status, unmet, ready_at, finished, error, blocked_reason) of a new task from its prerequisites'
+        states (all known by now) and its policy."""
+        u = 0
+        blocked: str | None = None
+        for p in prereqs:
+            pst = self._by_id[p].status
+            if pst == _COMPLETED:
+                continue
+            if pst in _FAILED_VALUES:
+                if policy == "proceed":
+                    continue
+                if policy == "cancel":
+                    return _CANCELLED, u, None, now, f"prerequisite {p} is {pst}", None
+                blocked = blocked or f"prerequisite {p} is {pst}"
+            u += 1
+        if blocked is not None:
+            return _BLOCKED, u, None, None, None, blocked
+        if u == 0:
+            return _READY, 0, now, None, None, None
+        return _PENDING, u, None, None, None, None
 
     def _raise_depths(self, bumps: dict[str, int], now: float) -> None:
         """Propagate a longer dependent chain up through non-terminal ancestors (depth only ever grows here)."""
@@ -609,7 +611,7 @@ class Scheduler:
                     details=[{"task_id": task_id, "prerequisite": prereq_id, "code": "DEPENDENCY_CYCLE",
                               "message": "the prerequisite already depends on this task"}],
                 )
-            rec.prereqs.append(prereq_id)
+            rec.prereqs = (*rec.prereqs, prereq_id)
             self._children.setdefault(prereq_id, []).append(task_id)
             self._touch(rec)
             pst = pre.status
@@ -744,7 +746,7 @@ class Scheduler:
             timed_out = rec.timeout is not None and now >= rec.started + rec.timeout  # type: ignore[operator]
             err = "timed out" if timed_out else "lease expired"
             log.info("lease of %s expired (holder %s, token %d)", rec.id, rec.holder, token)
-            rec.history.append(_attempt(rec, now, "lease_expired", err))
+            rec.history = (*rec.history, _attempt(rec, now, "lease_expired", err))
             if rec.attempts >= rec.max_attempts:
                 self._to_dead(rec, Status.DEAD_LETTERED, f"{err}; attempts exhausted", now)
             else:
@@ -885,7 +887,7 @@ class Scheduler:
             self._expire(now)
             rec = self._check_holder(task_id, fencing_token)
             outcome = "failed_transient" if transient else "failed_permanent"
-            rec.history.append(_attempt(rec, now, outcome, error))
+            rec.history = (*rec.history, _attempt(rec, now, outcome, error))
             attempts, max_attempts = rec.attempts, rec.max_attempts
             if transient and attempts < max_attempts:
                 delay = self.backoff_delay(attempts)
@@ -991,7 +993,7 @@ class Scheduler:
                 d = self._by_id[dep]
                 if d.status != _BLOCKED:
                     continue
-                d.prereqs = [nid if p == task_id else p for p in d.prereqs]
+                d.prereqs = tuple(nid if p == task_id else p for p in d.prereqs)
                 self._children[task_id].remove(dep)
                 self._children.setdefault(nid, []).append(dep)
                 self._touch(d)
@@ -1104,11 +1106,10 @@ class Scheduler:
             bad = [x for x in wanted if x not in known]
             if bad:
                 raise TaskValidationError(f"task {task_id} has no acceptance criteria {bad}")
-            done = rec.criteria_done
-            done.extend(x for x in dict.fromkeys(wanted) if x not in done)
+            rec.criteria_done = (*rec.criteria_done, *(x for x in dict.fromkeys(wanted) if x not in rec.criteria_done))
             rec.updated = now
             self._touch(rec)
-            return list(done)
+            return list(rec.criteria_done)
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -1169,7 +1170,7 @@ class Scheduler:
         d.update(
             status=rec.status, calculated_priority=bd.total, priority_breakdown=bd, downstream_depth=rec.depth,
             result=decode_payload(rec.result), error=rec.error, attempts=rec.attempts,
-            attempt_history=rec.history, created_at=_dt(rec.created), updated_at=_dt(rec.updated),
+            attempt_history=list(rec.history), created_at=_dt(rec.created), updated_at=_dt(rec.updated),
             ready_at=_dt(rec.ready_at), started_at=_dt(rec.started), finished_at=_dt(rec.finished),
             not_before=_dt(rec.not_before) if rec.not_before else None, lease_holder=rec.holder,
             lease_expires_at=_dt(rec.expires), fencing_token=rec.token, blocked_reason=rec.blocked_reason,
@@ -1225,17 +1226,32 @@ class Scheduler:
         return build_plan(estimates, prereqs, wip_limit=wip_limit, external_done=done, skipped_terminal=skipped)
 
 
+def _cache_image(r: TaskRecord) -> bytes:
+    img = r.img = pack_image(r)
+    return img
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items (the items follow, already packed)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
 def _dispatch_key(r: TaskRecord) -> tuple[float, float, int]:
     return (-r.rank, prio.NO_DEADLINE if r.deadline is None else r.deadline, r.seq)
 
 
-def _topo_order(spec_of: Mapping[str, TaskSpec], in_batch: Mapping[str, int]) -> list[str]:
+def _topo_order(new: Mapping[str, tuple[int, TaskSpec]]) -> list[str]:
+    """Kahn's algorithm over the batch's own edges; a cycle is rejected with every task on or behind it."""
     indeg: dict[str, int] = {}
     children: dict[str, list[str]] = {}
-    for tid, s in spec_of.items():
+    for tid, (_, s) in new.items():
         k = 0
         for p in s.prerequisites:
-            if p in in_batch:
+            if p in new:
                 k += 1
                 children.setdefault(p, []).append(tid)
         indeg[tid] = k
@@ -1248,16 +1264,13 @@ def _topo_order(spec_of: Mapping[str, TaskSpec], in_batch: Mapping[str, int]) ->
             indeg[ch] -= 1
             if indeg[ch] == 0:
                 queue.append(ch)
-    if len(order) != len(spec_of):
+    if len(order) != len(new):
         stuck = sorted(t for t, k in indeg.items() if k > 0)
         raise DependencyCycle(
             f"prerequisites form a cycle among {stuck[:10]}",
             details=[{"task_id": t, "code": "DEPENDENCY_CYCLE", "message": "on or behind a cycle"} for t in stuck],
         )
     return order
-
-
-_RESULT_LIST: Final = TypeAdapter(list[EnqueueResult])
 
 
 def _attempt(rec: TaskRecord, ended: float, outcome: str, error: str | None) -> dict[str, Any]:

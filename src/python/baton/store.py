@@ -22,10 +22,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
-import msgpack
-
 from baton.scheduler_errors import SchemaError
-from baton.taskstate import pack_image, unpack_image
+from baton.taskstate import pack_image, unpack_image, unpack_values
 
 __all__ = ["TaskStore", "TaskRepository", "SCHEMA_VERSION", "MIGRATIONS"]
 
@@ -326,9 +324,9 @@ def _to_records_and_journal(c: sqlite3.Connection) -> None:
     images = []
     for r in rows:
         img = list(r)
-        img[30] = msgpack.unpackb(r[30], raw=False) if r[30] is not None else []  # history
-        img[31] = msgpack.unpackb(r[31], raw=False) if r[31] is not None else []  # criteria_done
-        img.append(sorted(prereqs.get(r[1], [])))
+        img[30] = unpack_values(r[30]) if r[30] is not None else ()  # history
+        img[31] = unpack_values(r[31]) if r[31] is not None else ()  # criteria_done
+        img.append(tuple(sorted(prereqs.get(r[1], []))))
         images.append((r[0], pack_image(unpack_image(img))))
     c.executemany("INSERT INTO records (seq, image) VALUES (?, ?)", images)
     c.execute("DROP TABLE tasks")

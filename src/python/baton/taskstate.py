@@ -12,6 +12,7 @@ the smallest form that gives it back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any, Final
 
@@ -19,7 +20,7 @@ import msgpack
 
 from baton.models import TaskSpec
 
-__all__ = ["TaskRecord", "IMAGE_FIELDS", "new_record", "pack_image", "unpack_image", "pack_spec", "unpack_spec",
+__all__ = ["TaskRecord", "IMAGE_FIELDS", "pack_image", "pack_tuple", "unpack_image", "unpack_values", "pack_spec", "unpack_spec",
            "spec_fields"]
 
 # Durable fields, in image order.  Never reorder: add new fields at the end (older images are shorter and
@@ -30,14 +31,15 @@ IMAGE_FIELDS: Final = (
     "started", "finished", "not_before", "holder", "expires", "token", "blocked_reason", "spec", "input",
     "result", "error", "history", "criteria_done", "requeued_from", "requeued_as", "manifest_id", "prereqs",
 )
-# Rebuilt after loading, never stored.
-_DERIVED: Final = ("static", "rank", "qver")
 
 
+@dataclass(slots=True, eq=False)
 class TaskRecord:
-    """A task as the scheduler holds it.  Times are unix seconds; payload fields are tagged blobs."""
+    """A task as the scheduler holds it.  Times are unix seconds; payload fields are tagged blobs.
 
-    __slots__ = (*IMAGE_FIELDS, *_DERIVED)
+    A slotted dataclass: its generated ``__init__`` builds a record in one call (positionally from an image),
+    several times faster than setting 39 slots one by one.  ``eq=False``: records are compared by identity.
+    """
 
     seq: int
     id: str
@@ -47,46 +49,44 @@ class TaskRecord:
     base_priority: int
     risk: str
     policy: str
-    deadline: float | None
-    estimate: float
-    depth: int  # longest chain of dependents below this task
-    unmet: int  # prerequisites not yet satisfied
-    attempts: int
-    max_attempts: int
-    timeout: float | None
-    idem: str | None
-    created: float
-    updated: float
-    ready_at: float | None
-    started: float | None
-    finished: float | None
-    not_before: float  # retry backoff: not claimable before this
-    holder: str | None
-    expires: float | None
-    token: int
-    blocked_reason: str | None
-    spec: bytes
-    input: bytes | None
-    result: bytes | None
-    error: str | None
-    history: list[dict[str, Any]]
-    criteria_done: list[str]
-    requeued_from: str | None
-    requeued_as: str | None
-    manifest_id: str | None
-    prereqs: list[str]  # live edges (a requeued dead letter's dependents point at the copy)
-    static: float
-    rank: float
-    qver: int  # bumped whenever the record is (re)queued: older queue entries are stale
+    deadline: float | None = None
+    estimate: float = 0.0
+    depth: int = 0  # longest chain of dependents below this task
+    unmet: int = 0  # prerequisites not yet satisfied
+    attempts: int = 0
+    max_attempts: int = 3
+    timeout: float | None = None
+    idem: str | None = None
+    created: float = 0.0
+    updated: float = 0.0
+    ready_at: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    not_before: float = 0.0  # retry backoff: not claimable before this
+    holder: str | None = None
+    expires: float | None = None
+    token: int = 0
+    blocked_reason: str | None = None
+    spec: bytes = b""
+    input: bytes | None = None
+    result: bytes | None = None
+    error: str | None = None
+    # Tuples, not lists: an empty tuple is a shared constant the cyclic GC never tracks, and a full
+    # collection walks every tracked object (records live long; 3 lists each were ~4x the tracked objects).
+    history: tuple[dict[str, Any], ...] = ()
+    criteria_done: tuple[str, ...] = ()
+    requeued_from: str | None = None
+    requeued_as: str | None = None
+    manifest_id: str | None = None
+    prereqs: tuple[str, ...] = ()  # live edges (a requeued dead letter's dependents point at the copy)
+    # Derived, never stored:
+    static: float = 0.0
+    rank: float = 0.0
+    qver: int = 0  # bumped whenever the record is (re)queued: older queue entries are stale
+    img: bytes | None = None  # the packed image while it is current (set by the scheduler, None = stale)
 
 
-_DEFAULTS: Final[dict[str, Any]] = {
-    "deadline": None, "depth": 0, "unmet": 0, "attempts": 0, "timeout": None, "idem": None, "ready_at": None,
-    "started": None, "finished": None, "not_before": 0.0, "holder": None, "expires": None, "token": 0,
-    "blocked_reason": None, "input": None, "result": None, "error": None, "requeued_from": None,
-    "requeued_as": None, "manifest_id": None, "static": 0.0, "rank": 0.0, "qver": 0,
-}
-_LIST_DEFAULTS: Final = ("history", "criteria_done", "prereqs")
+assert tuple(f.name for f in fields(TaskRecord))[: len(IMAGE_FIELDS)] == IMAGE_FIELDS
 
 _PACK = msgpack.Packer(use_bin_type=True).pack
 # One C-level call instead of a getattr loop: an image is packed for every journaled change.
@@ -97,26 +97,23 @@ def pack_image(rec: TaskRecord) -> bytes:
     return _PACK(_image_of(rec))
 
 
+pack_tuple: Final = _PACK  # an image built as a tuple in IMAGE_FIELDS order
+
+
+def unpack_values(blob: bytes) -> Any:
+    """An image or journal entry as stored: arrays become tuples (see TaskRecord.history)."""
+    return msgpack.unpackb(blob, raw=False, strict_map_key=False, use_list=False)
+
+
 def unpack_image(img: bytes | list[Any], into: TaskRecord | None = None) -> TaskRecord:
     """A record from its image; ``into`` updates an existing record in place (the scheduler's indexes hold
     references to it)."""
-    values = msgpack.unpackb(img, raw=False, strict_map_key=False) if isinstance(img, bytes) else img
-    rec = into if into is not None else TaskRecord.__new__(TaskRecord)
+    values = unpack_values(img) if isinstance(img, bytes) else img
     if into is None:
-        for k, v in _DEFAULTS.items():
-            setattr(rec, k, v)
-        for k in _LIST_DEFAULTS:
-            setattr(rec, k, [])
+        return TaskRecord(*values)
     for k, v in zip(IMAGE_FIELDS, values):
-        setattr(rec, k, v)
-    return rec
-
-
-def new_record() -> TaskRecord:
-    rec = TaskRecord.__new__(TaskRecord)
-    for k, v in _DEFAULTS.items():
-        setattr(rec, k, v)
-    return rec
+        setattr(into, k, v)
+    return into
 
 
 # --- the submission ----------------------------------------------------------------------------------------
@@ -130,13 +127,14 @@ _SPEC_DEFAULTS: Final = tuple(
 
 
 def spec_fields(s: TaskSpec) -> dict[str, Any]:
-    """The submission's non-default fields in plain msgpack types (enums as values, datetimes as ISO)."""
+    """The fields the submitter gave (pydantic's ``model_fields_set``), minus id and input, in plain msgpack
+    types (enums as values, datetimes as ISO); the others are the defaults and are filled in on unpacking."""
     out: dict[str, Any] = {}
-    for name, default in _SPEC_DEFAULTS:
-        v = getattr(s, name)
-        if v == default:
+    for name in s.model_fields_set:
+        if name == "id" or name == "input":
             continue
-        if name == "deadline":
+        v = getattr(s, name)
+        if name == "deadline" and v is not None:
             v = v.isoformat()
         elif name == "acceptance_criteria":
             v = [(a.id, a.text) for a in v]
