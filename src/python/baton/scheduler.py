@@ -57,7 +57,7 @@ from baton.models import (
     encode_payload,
     parse_specs,
 )
-from baton.planner import build_plan
+from baton.planner import build_plan, gc_paused
 from baton.scheduler_errors import (
     DependencyCycle,
     DuplicateTask,
@@ -252,7 +252,10 @@ class Scheduler:
         self._in_txn = True
         self._mutated = False
         try:
-            with self.store.write() as c:
+            # A batch allocates a few objects per task and frees few until it returns; letting the cyclic
+            # GC run meanwhile rescans every long-lived record again and again (measured: GC was ~11% of
+            # enqueue+claim+complete at 10k stored tasks).  Garbage made meanwhile is collected afterwards.
+            with gc_paused(), self.store.write() as c:
                 self._catch_up(c)
                 yield c
                 self._flush(c)
@@ -432,9 +435,10 @@ class Scheduler:
         Prerequisites may name tasks already stored or tasks of the same batch (in any order).  A task whose
         idempotency key is already known is not created again: its result points at the existing task.
         """
-        parsed = parse_specs(list(specs))
-        with self.transaction():
-            return self._enqueue(parsed, self.clock(), manifest_id=manifest_id)
+        with gc_paused():
+            parsed = parse_specs(list(specs))
+            with self.transaction():
+                return self._enqueue(parsed, self.clock(), manifest_id=manifest_id)
 
     def _enqueue(
         self,
