@@ -44,7 +44,7 @@ def test_migration_from_v1_keeps_data(tmp_path):
     s = Scheduler(path, clock=ManualClock())
     assert s.store.schema_version == SCHEMA_VERSION
     tables = {r[0] for r in s.store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"records", "journal", "manifests"} <= tables and "tasks" not in tables
+    assert {"snapshot", "journal", "manifests"} <= tables and "tasks" not in tables
     t = s.get("old")
     assert (t.summary, t.status.value, t.input, t.metadata) == ("from v1", "ready", b"raw", {"k": 1})
     assert t.acceptance_criteria[0].text == "ok"
@@ -136,7 +136,7 @@ def test_closed_store_raises(tmp_path):
 
 
 def test_migration_from_v2_keeps_data_and_running_claims(tmp_path):
-    """A v2 store with a running claim is rewritten as records (v4); the claim still completes."""
+    """A v2 store with a running claim is rewritten as a snapshot (v4); the claim still completes."""
     path = tmp_path / "v2.db"
     clock = ManualClock()
     spec_v2 = msgpack.packb({"summary": "s", "agent_type": "impl", "prerequisites": [], "acceptance_criteria": []})
@@ -200,7 +200,7 @@ def test_journal_alone_reopens_identically(tmp_path):
     s = make(tmp_path, clock, wip_per_agent_type=None)
     _churn(s, clock)
     before = _snapshot(s)
-    assert s.store.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 0  # no checkpoint yet
+    assert s.store.conn.execute("SELECT count(*) FROM snapshot").fetchone()[0] == 0  # no checkpoint yet
     s.close()
     s2 = make(tmp_path, clock, wip_per_agent_type=None)
     assert _snapshot(s2) == before
@@ -240,4 +240,24 @@ def test_failed_transaction_leaves_memory_and_store_unchanged(tmp_path):
     s.close()
     s2 = make(tmp_path)
     assert [t.id for t in s2.tasks()] == ["a"] and s2.status_of("a").value == "ready"
+    s2.close()
+
+
+def test_snapshot_is_rewritten_when_superseded_images_pile_up(tmp_path):
+    clock = ManualClock()
+    s = make(tmp_path, clock, wip_per_agent_type=None, checkpoint_records=2)
+    s.enqueue_many([spec("a"), spec("b"), spec("c")])
+    claims = s.claim_many("impl", "w", 2)
+    chunks = []
+    for _ in range(12):  # every heartbeat pair changes the same two records again
+        for c in claims:
+            s.heartbeat(c.task_id, c.fencing_token)
+        clock.advance(1)
+        chunks.append(s.store.conn.execute("SELECT count(*) FROM snapshot").fetchone()[0])
+    # Chunks accumulate, then the snapshot is rewritten whole (never more than ~2 images per record).
+    assert max(chunks) > 1 and 1 in chunks[1:]
+    before = _snapshot(s)
+    s.close()
+    s2 = make(tmp_path, clock, wip_per_agent_type=None)
+    assert _snapshot(s2) == before
     s2.close()

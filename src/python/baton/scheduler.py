@@ -8,8 +8,8 @@ there, without SQL.
 Durability.  Every public method that changes anything runs in exactly one store transaction and appends one
 journal entry describing the change: compact deltas for the hot transitions (a batch of claims, a batch of
 completions) and full record images for everything else.  A crash therefore leaves the whole change or none
-of it.  Every ``checkpoint_records`` changed records, the current images are written to the snapshot table
-and the journal is truncated.  Opening a store loads the snapshot and replays the journal.
+of it.  Every ``checkpoint_records`` changed records, their current images are appended to the snapshot as
+one chunk and the journal is truncated.  Opening a store loads the snapshot and replays the journal.
 
 Several processes (or threads, one Scheduler each) may share a store: every write transaction takes SQLite's
 write lock first and then applies the journal entries other writers committed since (``PRAGMA data_version``
@@ -190,6 +190,7 @@ class Scheduler:
         self._last_refresh = float("-inf")
         self._applied = 0  # last journal seq reflected in memory
         self._unsaved: dict[str, TaskRecord] = {}  # changed since the last checkpoint
+        self._snapshot_images = 0  # images stored in the snapshot (some superseded by later ones)
         self._ops: list[list[Any]] = []  # this transaction's deltas ...
         self._puts: dict[str, TaskRecord] = {}  # ... and the records it changed otherwise
         self._mutated = False
@@ -205,8 +206,11 @@ class Scheduler:
 
     def _load_snapshot(self, c: sqlite3.Connection) -> None:
         now = self.clock()
+        n = 0
         for img in self.store.snapshot(c):
             self._apply_image(img, now)
+            n += 1
+        self._snapshot_images = n
         self._applied = self.store.journal_floor(c)
 
     def _replay(self, c: sqlite3.Connection, now: float) -> None:
@@ -279,10 +283,21 @@ class Scheduler:
         entry = _PACK(self._ops) + _array_header(len(images)) + b"".join(images)
         self._applied = self.store.append(c, b"\x92" + entry)  # fixarray of 2: [ops, images]
         if len(self._unsaved) >= self.config.checkpoint_records:
-            self.store.checkpoint(c, [(r.seq, r.img or pack_image(r)) for r in self._unsaved.values()], self._applied)
-            for r in self._unsaved.values():
-                r.img = None  # cached only until the snapshot has it
-            self._unsaved.clear()
+            self._checkpoint(c)
+
+    def _checkpoint(self, c: sqlite3.Connection) -> None:
+        """Write the images of the records changed since the last checkpoint as one snapshot chunk and drop
+        the journal.  Once the snapshot holds more than twice as many images as there are records (older
+        images of records changed again), the whole snapshot is rewritten instead: at most ~2 images per
+        record on disk, each record rewritten at most once per such cycle."""
+        full = self._snapshot_images + len(self._unsaved) > 2 * len(self._by_id)
+        recs = list(self._by_id.values() if full else self._unsaved.values())
+        blob = _array_header(len(recs)) + b"".join([r.img or pack_image(r) for r in recs])
+        self.store.checkpoint(c, blob, self._applied, replace=full)
+        self._snapshot_images = len(recs) + (0 if full else self._snapshot_images)
+        for r in recs:
+            r.img = None  # cached only until the snapshot has it
+        self._unsaved.clear()
 
     def _touch(self, rec: TaskRecord) -> None:
         rec.img = None

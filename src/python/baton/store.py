@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
+
+import msgpack
 
 from baton.scheduler_errors import SchemaError
-from baton.taskstate import pack_image, unpack_image, unpack_values
+from baton.taskstate import astuple_image, unpack_image, unpack_values
 
 __all__ = ["TaskStore", "TaskRepository", "SCHEMA_VERSION", "MIGRATIONS"]
 
@@ -115,7 +117,7 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
         DROP INDEX tasks_running_type;
         """,
     ),
-    (4, "records_and_journal"),  # a Python step: see _to_records_and_journal
+    (4, "snapshot_and_journal"),  # a Python step: see _to_snapshot_and_journal
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
@@ -282,9 +284,11 @@ class TaskStore:
         """Changes whenever *another* connection commits (PRAGMA data_version): a cheap "anything new?"."""
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
 
-    def snapshot(self, c: sqlite3.Connection) -> list[bytes]:
-        """Every record image of the last checkpoint, in task order."""
-        return [r[0] for r in c.execute("SELECT image FROM records ORDER BY seq")]
+    def snapshot(self, c: sqlite3.Connection) -> Iterator[Any]:
+        """Every record image of the snapshot, chunk by chunk (a later image of a record supersedes an
+        earlier one)."""
+        for (blob,) in c.execute("SELECT images FROM snapshot ORDER BY chunk"):
+            yield from unpack_values(blob)
 
     def journal_floor(self, c: sqlite3.Connection) -> int:
         """Journal entries up to this seq are folded into the snapshot (and deleted)."""
@@ -297,18 +301,26 @@ class TaskStore:
         """Append one journal entry (call inside write()); returns its seq."""
         return int(c.execute("INSERT INTO journal (entry) VALUES (?) RETURNING seq", (entry,)).fetchone()[0])
 
-    def checkpoint(self, c: sqlite3.Connection, images: Sequence[tuple[int, bytes]], upto: int) -> None:
-        """Fold the journal up to ``upto`` into the snapshot: ``images`` are the current images of every record
-        those entries touched (call inside write())."""
-        c.executemany("INSERT OR REPLACE INTO records (seq, image) VALUES (?, ?)", images)
-        c.execute("DELETE FROM journal WHERE seq <= ?", (upto,))
+    def checkpoint(self, c: sqlite3.Connection, images: bytes, upto: int, *, replace: bool) -> None:
+        """Fold the journal up to ``upto`` into the snapshot (call inside write()).
+
+        ``images`` is one msgpack array of the current images of every record those entries touched; it is
+        appended as one chunk (one row: writing a chunk costs a fraction of a row per record, measured), or,
+        with ``replace``, becomes the whole snapshot (when superseded images have piled up)."""
+        if replace:
+            c.execute("DELETE FROM snapshot")
+        c.execute("INSERT INTO snapshot (images) VALUES (?)", (images,))
+        # Usually every entry goes: without a WHERE clause SQLite frees the table's pages in bulk instead of
+        # visiting each row's overflow chain.
+        last = c.execute("SELECT max(seq) FROM journal").fetchone()[0]
+        c.execute("DELETE FROM journal" if last == upto else f"DELETE FROM journal WHERE seq <= {int(upto)}")
         c.execute("UPDATE meta SET value = ? WHERE key = 'journal_floor'", (upto,))
 
 
-def _to_records_and_journal(c: sqlite3.Connection) -> None:
-    """v4: the scheduler keeps its state in memory and the store keeps record images (a snapshot) plus an
-    append-only journal of the changes since.  Rewrites every v3 row as an image."""
-    c.execute("CREATE TABLE records (seq INTEGER PRIMARY KEY, image BLOB NOT NULL)")
+def _to_snapshot_and_journal(c: sqlite3.Connection) -> None:
+    """v4: the scheduler keeps its state in memory and the store keeps record images (the snapshot, in
+    chunks) plus an append-only journal of the changes since.  Rewrites every v3 row as an image."""
+    c.execute("CREATE TABLE snapshot (chunk INTEGER PRIMARY KEY, images BLOB NOT NULL)")
     # AUTOINCREMENT: a seq is never reused after a checkpoint empties the table (readers track the last seq).
     c.execute("CREATE TABLE journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, entry BLOB NOT NULL)")
     c.execute("INSERT INTO meta (key, value) VALUES ('journal_floor', 0)")
@@ -327,14 +339,15 @@ def _to_records_and_journal(c: sqlite3.Connection) -> None:
         img[30] = unpack_values(r[30]) if r[30] is not None else ()  # history
         img[31] = unpack_values(r[31]) if r[31] is not None else ()  # criteria_done
         img.append(tuple(sorted(prereqs.get(r[1], []))))
-        images.append((r[0], pack_image(unpack_image(img))))
-    c.executemany("INSERT INTO records (seq, image) VALUES (?, ?)", images)
+        images.append(unpack_image(img))
+    if images:
+        c.execute("INSERT INTO snapshot (images) VALUES (?)", (msgpack.packb([astuple_image(r) for r in images]),))
     c.execute("DROP TABLE tasks")
     c.execute("DROP TABLE deps")
 
 
 _PYTHON_MIGRATIONS: Final[dict[str, Callable[[sqlite3.Connection], None]]] = {
-    "records_and_journal": _to_records_and_journal,
+    "snapshot_and_journal": _to_snapshot_and_journal,
 }
 
 

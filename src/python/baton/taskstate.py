@@ -20,7 +20,7 @@ import msgpack
 
 from baton.models import TaskSpec
 
-__all__ = ["TaskRecord", "IMAGE_FIELDS", "pack_image", "pack_tuple", "unpack_image", "unpack_values", "pack_spec", "unpack_spec",
+__all__ = ["TaskRecord", "IMAGE_FIELDS", "astuple_image", "pack_image", "pack_tuple", "unpack_image", "unpack_values", "pack_spec", "unpack_spec",
            "spec_fields"]
 
 # Durable fields, in image order.  Never reorder: add new fields at the end (older images are shorter and
@@ -95,6 +95,10 @@ _image_of: Final = attrgetter(*IMAGE_FIELDS)
 
 def pack_image(rec: TaskRecord) -> bytes:
     return _PACK(_image_of(rec))
+
+
+def astuple_image(rec: TaskRecord) -> tuple[Any, ...]:
+    return _image_of(rec)  # type: ignore[no-any-return]
 
 
 pack_tuple: Final = _PACK  # an image built as a tuple in IMAGE_FIELDS order
