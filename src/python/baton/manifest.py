@@ -6,7 +6,10 @@ depends_on_tasks, risk, est.size, related_specs, related_adrs, related_guides, t
 provisional, parallel, conflicts_with, file_scope; unknown fields are kept.
 
 Import is all or nothing: a manifest that does not parse, has the wrong shape, or has any BLOCKED issue
-changes nothing.  The whole manifest task entry is kept, as given, in the task's ``metadata["manifest"]``.
+changes nothing.  The manifest document is stored (canonical JSON) with its hash; each task keeps the entry's
+fields that its TaskSpec does not carry verbatim (phase, slice, risk as written, est, related_*, ..., and any
+unknown field) in ``metadata["manifest"]``; task_id, title, description, depends_on_tasks, file_scope and
+conflicts_with are the task's own id, summary, description, prerequisites, file_scope and conflicts_with.
 """
 
 from __future__ import annotations
@@ -409,7 +412,7 @@ def _import(
     digest = hashlib.sha256(canon).hexdigest()
     with scheduler.transaction() as c:
         report = _validate(m, mid, digest, Path(base_dir), scheduler, wip_limit)
-        prev = c.execute("SELECT hash, task_ids FROM manifests WHERE manifest_id = ?", (mid,)).fetchone()
+        prev = c.execute("SELECT hash, task_ids, document FROM manifests WHERE manifest_id = ?", (mid,)).fetchone()
         prev_hash = prev[0] if prev else None
         if not report.ok:
             return ImportResult(manifest_id=mid, hash=digest, previous_hash=prev_hash, status="rejected",
@@ -418,13 +421,14 @@ def _import(
             return ImportResult(manifest_id=mid, hash=digest, previous_hash=prev_hash, status="unchanged",
                                 report=report)
         ids = [t.task_id for t in m.tasks]
+        # What each task of this manifest was imported from: its entry in the previous document.
+        before = {e.get("task_id"): e for e in json.loads(prev[2])["tasks"]} if prev is not None else {}
         new_tasks: list[tuple[ManifestTask, Any]] = []
         changed: list[str] = []
         for t, raw in zip(m.tasks, raw_tasks):
             rec = scheduler.record(t.task_id)
             if rec is not None and rec.manifest_id == mid:
-                old = unpack_spec(rec.spec)
-                if _canonical(old["metadata"].get("manifest")) != _canonical(raw):
+                if _canonical(before.get(t.task_id)) != _canonical(raw):
                     changed.append(t.task_id)
                 continue
             new_tasks.append((t, raw))
@@ -451,6 +455,11 @@ def _import(
     )
 
 
+# Entry fields a TaskSpec carries exactly as written (id, summary, description, prerequisites, file_scope,
+# conflicts_with): not repeated in metadata, which halves what a manifest task costs to validate and store.
+_CARRIED: Final = frozenset({"task_id", "title", "description", "depends_on_tasks", "file_scope", "conflicts_with"})
+
+
 def _spec_dict(t: ManifestTask, raw: Any, agent_type: str) -> dict[str, Any]:
     """The TaskSpec a manifest entry stands for, as the dict a direct submission would pass."""
     est = t.estimate_s()
@@ -467,7 +476,7 @@ def _spec_dict(t: ManifestTask, raw: Any, agent_type: str) -> dict[str, Any]:
         "acceptance_criteria": [{"id": str(a.id), "text": a.text} for a in t.acceptance_criteria],
         "file_scope": t.file_scope,
         "conflicts_with": t.conflicts_with,
-        "metadata": {"manifest": raw},
+        "metadata": {"manifest": {k: v for k, v in raw.items() if k not in _CARRIED}},
     }
 
 

@@ -171,7 +171,9 @@ def unpack(blob: bytes | None) -> Any:
 # --- submitted task ----------------------------------------------------------------------------------------
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/\-]{0,127}$")
-_AGENT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$")
+_AGENT_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"
+# Friendlier words for pattern mismatches than pydantic's "String should match pattern '...'".
+_PATTERN_MESSAGES: Final = {"agent_type": "agent_type must be 1-64 chars of letters, digits and _.:- "}
 # re's \s for str patterns is exactly str.isspace() (both are Py_UNICODE_ISSPACE), in one C call.
 _SPACE: Final = re.compile(r"\s").search
 
@@ -191,7 +193,8 @@ class TaskSpec(BaseModel):
     id: str | None = Field(default=None, description="caller-chosen id; generated when absent")
     summary: str = Field(min_length=1, max_length=1_000)
     description: str = Field(default="", max_length=200_000)
-    agent_type: str
+    # A pattern (checked in pydantic-core, no Python call per task: ~0.4 us here); _message() words its error.
+    agent_type: str = Field(pattern=_AGENT_PATTERN)
     source: str = Source.HUMAN.value
     base_priority: StrictInt = Field(default=5, ge=0, le=10)
     prerequisites: list[str] = Field(default_factory=list)
@@ -213,13 +216,6 @@ class TaskSpec(BaseModel):
     def _id_shape(cls, v: str | None) -> str | None:
         if v is not None and not _ID_RE.match(v):
             raise ValueError("id must be 1-128 chars of letters, digits and ._:@/- starting with a letter or digit")
-        return v
-
-    @field_validator("agent_type")
-    @classmethod
-    def _agent_shape(cls, v: str) -> str:
-        if not _AGENT_RE.match(v):
-            raise ValueError("agent_type must be 1-64 chars of letters, digits and _.:- ")
         return v
 
     @field_validator("source")
@@ -269,14 +265,17 @@ class TaskSpec(BaseModel):
         return v
 
 
+def _message(err: Any, field: str) -> str:
+    if err["type"] == "string_pattern_mismatch" and field in _PATTERN_MESSAGES:
+        return _PATTERN_MESSAGES[field]
+    return str(err["msg"])
+
+
 def _validation_details(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for err in exc.errors(include_url=False):
-        d: dict[str, Any] = {
-            "field": ".".join(str(p) for p in err["loc"]) or "<task>",
-            "code": err["type"],
-            "message": err["msg"],
-        }
+        field = ".".join(str(p) for p in err["loc"]) or "<task>"
+        d: dict[str, Any] = {"field": field, "code": err["type"], "message": _message(err, field)}
         if index is not None:
             d["index"] = index
         out.append(d)
@@ -312,12 +311,8 @@ def parse_specs(items: list[TaskSpec | dict[str, Any]]) -> list[TaskSpec]:
         details: list[dict[str, Any]] = []
         for err in exc.errors(include_url=False):
             index, *loc = err["loc"] or (None,)
-            details.append({
-                "field": ".".join(str(p) for p in loc) or "<task>",
-                "code": err["type"],
-                "message": err["msg"],
-                "index": index,
-            })
+            field = ".".join(str(p) for p in loc) or "<task>"
+            details.append({"field": field, "code": err["type"], "message": _message(err, field), "index": index})
     first = details[0]
     raise TaskValidationError(
         f"invalid task at index {first['index']}: {first['field']}: {first['message']}"
@@ -405,31 +400,16 @@ class EnqueueResult(NamedTuple):
     status: Status
 
 
-class Claim:
-    """A task handed to a worker.  One per claimed task, so __slots__ and no validation."""
+class Claim(NamedTuple):
+    """A task handed to a worker.  One per claimed task, so a plain named tuple (no validation)."""
 
-    __slots__ = ("task_id", "agent_type", "fencing_token", "lease_expires_at", "attempt", "input", "priority")
-
-    def __init__(
-        self,
-        task_id: str,
-        agent_type: str,
-        fencing_token: int,
-        lease_expires_at: float,
-        attempt: int,
-        input: Any,
-        priority: float,
-    ) -> None:
-        self.task_id = task_id
-        self.agent_type = agent_type
-        self.fencing_token = fencing_token
-        self.lease_expires_at = lease_expires_at
-        self.attempt = attempt
-        self.input = input
-        self.priority = priority
-
-    def __repr__(self) -> str:
-        return f"Claim({self.task_id!r}, token={self.fencing_token}, attempt={self.attempt})"
+    task_id: str
+    agent_type: str
+    fencing_token: int
+    lease_expires_at: float
+    attempt: int
+    input: Any
+    priority: float
 
 
 class CancelResult(BaseModel):

@@ -8,8 +8,10 @@ there, without SQL.
 Durability.  Every public method that changes anything runs in exactly one store transaction and appends one
 journal entry describing the change: compact deltas for the hot transitions (a batch of claims, a batch of
 completions) and full record images for everything else.  A crash therefore leaves the whole change or none
-of it.  Every ``checkpoint_records`` changed records, their current images are appended to the snapshot as
-one chunk and the journal is truncated.  Opening a store loads the snapshot and replays the journal.
+of it.  The journal is the store's main record: a task that is enqueued, claimed and completed costs one
+image and two small deltas, written once.  Only when the journal holds mostly superseded data (records
+changed again and again: heartbeats, retries) is it compacted: the images of every record become the new
+snapshot and the journal is emptied, so compaction work is paid for by churn, not by throughput.  Opening a store loads the snapshot and replays the journal.
 
 Several processes (or threads, one Scheduler each) may share a store: every write transaction takes SQLite's
 write lock first and then applies the journal entries other writers committed since (``PRAGMA data_version``
@@ -100,6 +102,7 @@ _PACK = msgpack.Packer(use_bin_type=True).pack
 # them live; images are the final state of every other record the change touched, applied after the ops.
 _OP_CLAIM: Final = 0  # [0, now, holder, fence, [[id, lease_expires_at], ...]]
 _OP_DONE: Final = 1  # [1, now, [[id, result_blob], ...]]
+_CHUNK: Final = 65_536  # images per snapshot row
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +120,10 @@ class SchedulerConfig:
     weights: prio.PriorityWeights = prio.DEFAULT_WEIGHTS
     # Deadline urgency changes with time: claims refresh the ranks of ready deadline tasks at most this often.
     priority_refresh_s: float = 1.0
-    # Fold the journal into the snapshot once this many records changed since the last checkpoint: bounds
-    # the journal (and the replay at open) while writing each record's image once per checkpoint.
-    checkpoint_records: int = 10_000
+    # Compact the journal into a fresh snapshot once it is at least compact_min_bytes long and more than
+    # compact_ratio times what one image of each record it touches would take.
+    compact_min_bytes: int = 64 << 20
+    compact_ratio: float = 2.0
 
     def wip_limit_for(self, agent_type: str) -> int | None:
         return self.wip_limits.get(agent_type, self.wip_per_agent_type)
@@ -159,6 +163,7 @@ class Scheduler:
         self.rng = rng or random.Random()
         self._w = self.config.weights
         self._aging_rate = self._w.aging_rate
+        self._static_memo: dict[tuple[int, int, str], float] = {}
         self._in_txn = False
         self._load()
 
@@ -189,9 +194,14 @@ class Scheduler:
         self._next_seq = 1
         self._last_refresh = float("-inf")
         self._applied = 0  # last journal seq reflected in memory
-        self._unsaved: dict[str, TaskRecord] = {}  # changed since the last checkpoint
-        self._snapshot_images = 0  # images stored in the snapshot (some superseded by later ones)
-        self._ops: list[list[Any]] = []  # this transaction's deltas ...
+        # Compaction bookkeeping (see compact_ratio): journal bytes since the snapshot, distinct records they
+        # touch (TaskRecord.journaled), and the bytes of the images packed so far (for the average).
+        self._journal_bytes = 0
+        self._journaled = 0
+        self._image_bytes = 0
+        self._images = 0
+        self._ops: list[list[Any]] = []  # this transaction's deltas (and the records they changed) ...
+        self._delta_recs: list[TaskRecord] = []
         self._puts: dict[str, TaskRecord] = {}  # ... and the records it changed otherwise
         self._mutated = False
 
@@ -202,27 +212,19 @@ class Scheduler:
             self._dv = self.store.data_version()
             self._load_snapshot(c)
             self._replay(c, self.clock())
-        self._unsaved = dict(self._replayed)
 
     def _load_snapshot(self, c: sqlite3.Connection) -> None:
         now = self.clock()
-        n = 0
         for img in self.store.snapshot(c):
             self._apply_image(img, now)
-            n += 1
-        self._snapshot_images = n
         self._applied = self.store.journal_floor(c)
 
     def _replay(self, c: sqlite3.Connection, now: float) -> None:
-        self._replayed: dict[str, TaskRecord] = {}
         for seq, entry in self.store.journal_after(c, self._applied):
             ops, images = unpack_values(entry)
-            for op in ops:
-                for rec in self._apply_op(op):
-                    self._replayed[rec.id] = rec
-            for img in images:
-                rec = self._apply_image(img, now)
-                self._replayed[rec.id] = rec
+            touched = [rec for op in ops for rec in self._apply_op(op)]
+            touched.extend(self._apply_image(img, now) for img in images)
+            self._account(len(entry), touched)
             self._applied = seq
 
     def _catch_up(self, c: sqlite3.Connection) -> None:
@@ -237,7 +239,6 @@ class Scheduler:
             self._dv = dv
             self._load_snapshot(c)
         self._replay(c, self.clock())
-        self._unsaved.update(self._replayed)
 
     def _sync(self) -> None:
         """Catch up before a read (outside of a write transaction)."""
@@ -272,32 +273,61 @@ class Scheduler:
             self._in_txn = False
             self._ops = []
             self._puts = {}
+            self._delta_recs = []
 
     def _flush(self, c: sqlite3.Connection) -> None:
-        """Append this transaction's journal entry; checkpoint when enough records changed."""
+        """Append this transaction's journal entry; compact when the journal is mostly superseded data."""
         if not self._ops and not self._puts:
             return
-        self._unsaved.update(self._puts)
         # The images are already msgpack: the entry is assembled from them rather than packed again.
         images = [r.img or _cache_image(r) for r in self._puts.values()]
-        entry = _PACK(self._ops) + _array_header(len(images)) + b"".join(images)
-        self._applied = self.store.append(c, b"\x92" + entry)  # fixarray of 2: [ops, images]
-        if len(self._unsaved) >= self.config.checkpoint_records:
-            self._checkpoint(c)
+        self._image_bytes += sum(map(len, images))
+        self._images += len(images)
+        entry = b"\x92" + _PACK(self._ops) + _array_header(len(images)) + b"".join(images)  # [ops, images]
+        self._applied = self.store.append(c, entry)
+        self._account(len(entry), self._puts.values())
+        self._account(0, self._delta_recs)
+        cfg = self.config
+        if self._journal_bytes >= cfg.compact_min_bytes and self._journal_bytes > (
+            cfg.compact_ratio * self._journaled * self._image_bytes / max(1, self._images)
+        ):
+            self._compact(c)
 
-    def _checkpoint(self, c: sqlite3.Connection) -> None:
-        """Write the images of the records changed since the last checkpoint as one snapshot chunk and drop
-        the journal.  Once the snapshot holds more than twice as many images as there are records (older
-        images of records changed again), the whole snapshot is rewritten instead: at most ~2 images per
-        record on disk, each record rewritten at most once per such cycle."""
-        full = self._snapshot_images + len(self._unsaved) > 2 * len(self._by_id)
-        recs = list(self._by_id.values() if full else self._unsaved.values())
-        blob = _array_header(len(recs)) + b"".join([r.img or pack_image(r) for r in recs])
-        self.store.checkpoint(c, blob, self._applied, replace=full)
-        self._snapshot_images = len(recs) + (0 if full else self._snapshot_images)
+    def _account(self, nbytes: int, touched: Iterable[TaskRecord]) -> None:
+        self._journal_bytes += nbytes
+        for r in touched:
+            if not r.journaled:
+                r.journaled = True
+                self._journaled += 1
+
+    def compact(self) -> None:
+        """Write every record's image as the new snapshot and empty the journal (also done automatically,
+        see SchedulerConfig.compact_ratio; a daemon can call this when idle)."""
+        with self.transaction() as c:
+            self._compact(c)
+
+    def _compact(self, c: sqlite3.Connection) -> None:
+        recs = list(self._by_id.values())
+        chunks = [
+            _array_header(len(part)) + b"".join([r.img or pack_image(r) for r in part])
+            for part in (recs[i : i + _CHUNK] for i in range(0, len(recs), _CHUNK))
+        ]
+        self.store.checkpoint(c, chunks, self._applied)
+        log.info("compacted %d journal bytes into a snapshot of %d records", self._journal_bytes, len(recs))
         for r in recs:
+            r.journaled = False
             r.img = None  # cached only until the snapshot has it
-        self._unsaved.clear()
+        self._journal_bytes = self._journaled = 0
+
+    def _static(self, base_priority: int, depth: int, source: str) -> float:
+        """priority.static_score, memoised: few distinct inputs, computed for every task created."""
+        key = (base_priority, depth, source)
+        v = self._static_memo.get(key)
+        if v is None:
+            if len(self._static_memo) > 4096:
+                self._static_memo.clear()
+            v = self._static_memo[key] = prio.static_score(self._w, base_priority, depth, source)
+        return v
 
     def _touch(self, rec: TaskRecord) -> None:
         rec.img = None
@@ -320,7 +350,7 @@ class Scheduler:
             old_status, old_prereqs = rec.status, rec.prereqs
             unpack_image(img, into=rec)
             rec.img = None
-        rec.static = prio.static_score(self._w, rec.base_priority, rec.depth, rec.source)
+        rec.static = self._static(rec.base_priority, rec.depth, rec.source)
         if old_prereqs != rec.prereqs:
             for p in old_prereqs:
                 self._children.get(p, []).remove(tid)
@@ -372,10 +402,13 @@ class Scheduler:
         if rec.not_before > now:
             heapq.heappush(self._delayed, (rec.not_before, rec.seq, qv, rec))
         else:
-            heap = self._ready.get(rec.agent_type)
-            if heap is None:
-                heap = self._ready[rec.agent_type] = []
-            heapq.heappush(heap, (-rank, key, rec.seq, qv, rec))
+            heapq.heappush(self._ready_heap(rec.agent_type), (-rank, key, rec.seq, qv, rec))
+
+    def _ready_heap(self, agent_type: str) -> list[tuple[float, float, int, int, TaskRecord]]:
+        heap = self._ready.get(agent_type)
+        if heap is None:
+            heap = self._ready[agent_type] = []
+        return heap
 
     def _promote_delayed(self, now: float) -> None:
         d = self._delayed
@@ -412,23 +445,25 @@ class Scheduler:
             self._running_n[by_id[items[0][0]].agent_type] += n
         elif op[0] == _OP_DONE:
             _, now, items = op
+            by_id, running_n = self._by_id, self._running_n
             for tid, blob in items:
-                rec = self._by_id[tid]
+                rec = by_id[tid]  # running (checked by the completer): _index inlined for that case
                 rec.img = None
-                old = rec.status
                 rec.status = _COMPLETED
                 rec.result = blob
                 rec.finished = rec.updated = now
                 rec.holder = rec.expires = rec.error = None
-                self._index(rec, old, now)
+                running_n[rec.agent_type] -= 1
                 out.append(rec)
+            self._counts[_RUNNING] -= len(items)
+            self._counts[_COMPLETED] += len(items)
         else:  # pragma: no cover - a journal written by a newer baton
             raise ValueError(f"unknown journal op {op[0]!r}")
         return out
 
     def _delta(self, op: list[Any]) -> None:
         self._mutated = True
-        self._unsaved.update((r.id, r) for r in self._apply_op(op))
+        self._delta_recs.extend(self._apply_op(op))
         self._ops.append(op)
 
     def _get(self, task_id: str) -> TaskRecord:
@@ -518,9 +553,10 @@ class Scheduler:
 
         # Create each record and decide its state, in topological order so a prerequisite's fate is known.
         policy_default = self.config.default_policy.value
-        w = self._w
         seq = self._next_seq
         children = self._children
+        counts, aging_rate = self._counts, self._aging_rate
+        heap_of = self._ready_heap
         for tid in order:
             i, s = new[tid]
             pol = s.on_prerequisite_failure
@@ -539,7 +575,7 @@ class Scheduler:
                 now, ready_at, None, finished, 0.0, None, None, 0, blocked, pack_spec(s), encode_payload(s.input),
                 None, error, (), (), requeued_from.get(tid) if requeued_from else None, None, manifest_id, prereqs,
             )
-            r = TaskRecord(*img, prio.static_score(w, s.base_priority, d, s.source))
+            r = TaskRecord(*img, self._static(s.base_priority, d, s.source))
             r.img = pack_tuple(img)
             seq += 1
             by_id[tid] = r
@@ -549,7 +585,13 @@ class Scheduler:
                 self._requeues[r.requeued_from] += 1
             for p in prereqs:
                 children.setdefault(p, []).append(tid)
-            self._index(r, None, now)
+            if status == _READY and r.deadline is None:  # the common case of _index, inlined
+                counts[_READY] += 1
+                r.qver = 1
+                r.rank = rank = r.static - aging_rate * now
+                heapq.heappush(heap_of(r.agent_type), (-rank, prio.NO_DEADLINE, r.seq, 1, r))
+            else:
+                self._index(r, None, now)
             self._puts[tid] = r
             results[i] = EnqueueResult(tid, True, _STATUS[status])
         self._next_seq = seq
@@ -604,7 +646,7 @@ class Scheduler:
             if rec is None or rec.depth >= d or rec.status in _TERMINAL_VALUES:
                 continue
             rec.depth = d
-            rec.static = prio.static_score(self._w, rec.base_priority, d, rec.source)
+            rec.static = self._static(rec.base_priority, d, rec.source)
             self._touch(rec)
             if rec.status == _READY:
                 self._queue(rec, now)

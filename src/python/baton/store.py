@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -301,15 +301,11 @@ class TaskStore:
         """Append one journal entry (call inside write()); returns its seq."""
         return int(c.execute("INSERT INTO journal (entry) VALUES (?) RETURNING seq", (entry,)).fetchone()[0])
 
-    def checkpoint(self, c: sqlite3.Connection, images: bytes, upto: int, *, replace: bool) -> None:
-        """Fold the journal up to ``upto`` into the snapshot (call inside write()).
-
-        ``images`` is one msgpack array of the current images of every record those entries touched; it is
-        appended as one chunk (one row: writing a chunk costs a fraction of a row per record, measured), or,
-        with ``replace``, becomes the whole snapshot (when superseded images have piled up)."""
-        if replace:
-            c.execute("DELETE FROM snapshot")
-        c.execute("INSERT INTO snapshot (images) VALUES (?)", (images,))
+    def checkpoint(self, c: sqlite3.Connection, chunks: Sequence[bytes], upto: int) -> None:
+        """Replace the snapshot with ``chunks`` (msgpack arrays of record images) that reflect the journal up
+        to ``upto``, and drop those entries (call inside write())."""
+        c.execute("DELETE FROM snapshot")
+        c.executemany("INSERT INTO snapshot (images) VALUES (?)", [(b,) for b in chunks])
         # Usually every entry goes: without a WHERE clause SQLite frees the table's pages in bulk instead of
         # visiting each row's overflow chain.
         last = c.execute("SELECT max(seq) FROM journal").fetchone()[0]

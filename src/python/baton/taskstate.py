@@ -84,6 +84,7 @@ class TaskRecord:
     rank: float = 0.0
     qver: int = 0  # bumped whenever the record is (re)queued: older queue entries are stale
     img: bytes | None = None  # the packed image while it is current (set by the scheduler, None = stale)
+    journaled: bool = False  # changed since the last compaction (the scheduler's bookkeeping)
 
 
 assert tuple(f.name for f in fields(TaskRecord))[: len(IMAGE_FIELDS)] == IMAGE_FIELDS
