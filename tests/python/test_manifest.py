@@ -94,6 +94,7 @@ def test_wip_overload_warning(tmp_path):
     "bad, where",
     [
         (b"{not json", "not valid JSON"),
+        (b'{"tasks": [{"task_id": "A", "title": "t", "weight": NaN}]}', "NaN is not a JSON value"),
         (b'"a string"', "JSON object"),
         (json.dumps({"tasks": [{"task_id": "A"}]}), "tasks[0].title"),
         (json.dumps({"tasks": [mtask("A", depends_on_tasks="B")]}), "tasks[0].depends_on_tasks"),
