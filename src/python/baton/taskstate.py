@@ -13,6 +13,7 @@ the smallest form that gives it back.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, Final
 
@@ -131,21 +132,29 @@ _SPEC_DEFAULTS: Final = tuple(
 )
 
 
+def _enum_value(v: Any) -> Any:
+    return None if v is None else v.value
+
+
+# Fields whose value is not already a plain msgpack type; every other field is stored as is.
+_TO_PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
+    "deadline": lambda v: None if v is None else v.isoformat(),
+    "acceptance_criteria": lambda v: [(a.id, a.text) for a in v],
+    "risk": _enum_value,
+    "on_prerequisite_failure": _enum_value,
+}
+
+
 def spec_fields(s: TaskSpec) -> dict[str, Any]:
     """The fields the submitter gave (pydantic's ``model_fields_set``), minus id and input, in plain msgpack
     types (enums as values, datetimes as ISO); the others are the defaults and are filled in on unpacking."""
     out: dict[str, Any] = {}
+    d = s.__dict__
     for name in s.model_fields_set:
         if name == "id" or name == "input":
             continue
-        v = getattr(s, name)
-        if name == "deadline" and v is not None:
-            v = v.isoformat()
-        elif name == "acceptance_criteria":
-            v = [(a.id, a.text) for a in v]
-        elif hasattr(v, "value"):  # enums
-            v = v.value
-        out[name] = v
+        conv = _TO_PLAIN.get(name)
+        out[name] = d[name] if conv is None else conv(d[name])
     return out
 
 
