@@ -1,4 +1,4 @@
-"""The calculated priority: one formula, evaluated in Python (explanations) and in SQL (dispatch order).
+"""The calculated priority: one formula, for explanations (the breakdown) and for dispatch order (the rank).
 
     priority(now) = W_base    * base_priority / 10
                   + W_unblock * depth / (depth + unblock_half)       depth = longest chain of dependents
@@ -15,9 +15,10 @@ a nearer deadline never ranks lower.  Aging is unbounded: the bounded factors su
 W_base + W_unblock + W_source + W_urgency, so a task that has been ready that many points' worth of aging
 longer than another always ranks above it -- nothing starves.
 
-Why a stored ``rank`` instead of the priority: ``aging_rate * now`` is the same for every task, so ordering by
+Why a ``rank`` instead of the priority: ``aging_rate * now`` is the same for every task, so ordering by
 ``static + W_urgency*urgency - aging_rate*ready_at`` is ordering by priority.  That key only changes with time
-for tasks that have a deadline, so the index stays valid and only deadline tasks are refreshed as time passes.
+for tasks that have a deadline, so the ready queues stay ordered and only deadline tasks are re-queued as time
+passes.
 """
 
 from __future__ import annotations
@@ -71,15 +72,6 @@ class PriorityWeights:
 
     def source_weight(self, source: str) -> float:
         return self.source_weights.get(source, self.custom_source_weight)
-
-    def urgency_sql(self, now_param: str = ":now") -> str:
-        """The urgency term as an SQL expression over the ``deadline``/``estimate`` columns (see module doc)."""
-        h = repr(float(self.urgency_horizon_s))
-        slack = f"(deadline - {now_param} - estimate)"
-        return (
-            f"(CASE WHEN deadline IS NULL THEN 0.0 WHEN {slack} <= 0 THEN 1.0 "
-            f"ELSE {h} / ({h} + {slack}) END)"
-        )
 
 
 DEFAULT_WEIGHTS: Final = PriorityWeights()

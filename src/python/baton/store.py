@@ -1,16 +1,18 @@
 """The durable task store: SQLite in WAL mode, a versioned schema with migrations, explicit transactions.
 
-This module owns the connection and the schema; the rules (what may change, in which order) live in
-scheduler.py, which runs every multi-row change inside one ``store.write()`` transaction.
+This module owns the connection, the schema and the two tables the scheduler persists through: ``journal``
+(one entry appended per change) and ``snapshot`` (record images as of the journal floor).  What the entries
+mean is the scheduler's business (scheduler.py, taskstate.py); it runs every change inside one ``write()``.
 
 Concurrency model.  One ``TaskStore`` per thread or process (a sqlite3 connection must not be shared across
-threads).  Writers take SQLite's RESERVED lock up front with ``BEGIN IMMEDIATE``: read-modify-write sequences
-such as "pick the best ready task, mark it running" are therefore serialised between every connection on the
-file, threads and processes alike, which is what makes claims atomic.  Readers never block writers (WAL).
+threads).  Writers take SQLite's RESERVED lock up front with ``BEGIN IMMEDIATE``, so read-modify-write
+sequences ("apply the others' entries, pick the best ready task, append a claim") are serialised between every
+connection on the file, threads and processes alike, which is what makes claims atomic.  Readers never block
+writers (WAL).
 
 Durability.  ``synchronous=FULL`` in WAL mode fsyncs the log on every commit, so a committed transaction
-survives SIGKILL and power loss.  Group commit is explicit: the batch APIs (enqueue_many, claim_many,
-complete_many) commit once per batch.
+survives SIGKILL and power loss; NORMAL survives SIGKILL.  Group commit is explicit: the batch APIs
+(enqueue_many, claim_many, complete_many) commit once per batch.
 """
 
 from __future__ import annotations
@@ -123,20 +125,27 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
 class TaskRepository(Protocol):
-    """What the scheduler needs from storage: a connection and transactions around it.
-
-    The scheduler speaks SQL to ``conn`` inside ``write()``/``read()``; a different backend would implement
-    the same statements (the schema above is the contract).
-    """
+    """What the scheduler needs from storage: transactions, the fence counter, the snapshot and the journal."""
 
     path: str
-
-    @property
-    def conn(self) -> sqlite3.Connection: ...
 
     def write(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
     def read(self) -> AbstractContextManager[sqlite3.Connection]: ...
+
+    def next_fence(self, c: sqlite3.Connection) -> int: ...
+
+    def data_version(self) -> int: ...
+
+    def snapshot(self, c: sqlite3.Connection) -> Iterator[Any]: ...
+
+    def journal_floor(self, c: sqlite3.Connection) -> int: ...
+
+    def journal_after(self, c: sqlite3.Connection, seq: int) -> list[tuple[int, bytes]]: ...
+
+    def append(self, c: sqlite3.Connection, entry: bytes) -> int: ...
+
+    def checkpoint(self, c: sqlite3.Connection, chunks: Sequence[bytes], upto: int) -> None: ...
 
     def close(self) -> None: ...
 
