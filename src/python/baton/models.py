@@ -157,10 +157,9 @@ def encode_payload(value: Any) -> bytes | None:
 def decode_payload(blob: bytes | None) -> Any:
     if blob is None:
         return None
-    tag, body = blob[:1], blob[1:]
-    if tag == _RAW:
-        return bytes(body)
-    return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    if blob[0] == _RAW[0]:
+        return blob[1:]
+    return msgpack.unpackb(memoryview(blob)[1:], raw=False, strict_map_key=False)  # a view: no copy
 
 
 def unpack(blob: bytes | None) -> Any:
