@@ -177,3 +177,128 @@ def test_wip_simulation_matches_reference_including_ties(seed):
     pre = {ids[i]: sorted({ids[rng.randrange(i)] for _ in range(rng.randint(0, 2))}) if i else [] for i in range(n)}
     for wip in (1, 2, 3, 8):
         assert build_plan(est, pre, wip_limit=wip).estimated_makespan_s == _reference_makespan(est, pre, wip)
+
+
+def _reference_plan(est, pre, wip, done=frozenset()):
+    """The plan spelled out from its definition, slowly (quadratic): any input order, prerequisites outside the
+    set, repeated prerequisites.  Both ways the planner builds its graph (one pass when every task comes after
+    its prerequisites, Kahn's algorithm otherwise) must give exactly this."""
+    from itertools import chain
+
+    ids = list(est)
+    inset = {t: [p for p in (pre.get(t) or ()) if p in est] for t in ids}
+    level = {}
+    while len(level) < len(ids):  # a task's level: one more than its deepest in-set prerequisite's
+        for t in ids:
+            if t not in level and all(p in level for p in inset[t]):
+                level[t] = 1 + max((level[p] for p in inset[t]), default=-1)
+    batches = [[t for t in ids if level[t] == k] for k in range(max(level.values(), default=-1) + 1)]
+    finish = {}
+    for t in chain.from_iterable(batches):
+        finish[t] = max([0.0] + [finish[p] for p in inset[t]]) + est[t]
+    path = []
+    if ids:  # the first task in batch order finishing last, then each one's first prerequisite finishing last
+        longest = max(finish.values())
+        t = next(t for t in chain.from_iterable(batches) if finish[t] == longest)
+        while t:
+            path.append(t)
+            best, t = 0.0, ""
+            for p in inset[path[-1]]:
+                if finish[p] > best:
+                    best, t = finish[p], p
+        path.reverse()
+    makespan = max(finish.values(), default=0.0)
+    if wip is not None:  # highest bottom level first, then input order; everything finishing at once first
+        children = {t: [c for c in ids for p in inset[c] if p == t] for t in ids}
+        bottom = {}
+        for t in reversed(list(chain.from_iterable(batches))):
+            bottom[t] = est[t] + max([0.0] + [bottom[c] for c in children[t]])
+        left = {t: len(inset[t]) for t in ids}
+        ready = [t for t in ids if not left[t]]
+        running, now = [], 0.0
+        while ready or running:
+            ready.sort(key=lambda t: (-bottom[t], ids.index(t)))
+            while ready and len(running) < wip:
+                t = ready.pop(0)
+                running.append((now + est[t], t))
+            now = min(f for f, _ in running)
+            for f, t in [r for r in running if r[0] == now]:
+                running.remove((f, t))
+                for c in children[t]:
+                    left[c] -= 1
+                    if not left[c]:
+                        ready.append(c)
+        makespan = now
+    outside = {t: [p for p in (pre.get(t) or ()) if p not in est] for t in ids}
+    return {
+        "batches": batches,
+        "critical_path": path,
+        "critical_path_s": max(finish.values(), default=0.0),
+        "estimated_makespan_s": makespan,
+        "external_satisfied": sorted({p for ps in outside.values() for p in ps if p in done}),
+        "external_unsatisfied": {t: [p for p in ps if p not in done] for t, ps in outside.items()
+                                 if any(p not in done for p in ps)},
+    }
+
+
+def _random_graph(seed, in_order):
+    import random
+
+    rng = random.Random(seed)
+    n = rng.randint(0, 40)
+    ids = [f"t{i}" for i in range(n)]
+    pre = {}
+    for i, t in enumerate(ids):
+        ps = [ids[rng.randrange(i)] for _ in range(rng.randint(0, 3))] if i else []  # repeats happen
+        if rng.random() < 0.2:
+            ps.insert(rng.randint(0, len(ps)), f"x{rng.randrange(3)}")  # outside the set
+        if ps or rng.random() < 0.5:
+            pre[t] = ps
+        elif rng.random() < 0.5:
+            pre[t] = None
+    if not in_order:
+        rng.shuffle(ids)
+    # Small integers, zeros included: many tasks finish at the same instant, some take no time at all.
+    return {t: float(rng.randint(0, 4)) for t in ids}, pre
+
+
+@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("in_order", [True, False], ids=["in-order", "shuffled"])
+def test_plan_matches_reference_in_any_order(seed, in_order):
+    from baton import planner
+
+    est, pre = _random_graph(seed, in_order)
+    ids = list(est)
+    if in_order:
+        assert planner._graph_in_order(ids, pre, list(est.values())) is not None
+    for wip in (None, 1, 2, 3, 8):
+        p = build_plan(est, pre, wip_limit=wip, external_done={"x0"})
+        ref = _reference_plan(est, pre, wip, done={"x0"})
+        assert {k: getattr(p, k) for k in ref} == ref, wip
+    batches, children = topological_batches(ids, pre)
+    assert batches == p.batches
+    assert children == {t: [c for c in ids for q in (pre.get(c) or ()) if q == t] for t in ids}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_in_order_pass_and_kahn_agree(seed, monkeypatch):
+    from baton import planner
+
+    est, pre = _random_graph(seed, in_order=True)
+    ids = list(est)
+    fast = [build_plan(est, pre, wip_limit=w, external_done={"x1"}) for w in (None, 2, 3, 8)]
+    fast_batches = topological_batches(ids, pre)
+    monkeypatch.setattr(planner, "_graph_in_order", lambda *a: None)
+    assert [build_plan(est, pre, wip_limit=w, external_done={"x1"}) for w in (None, 2, 3, 8)] == fast
+    assert topological_batches(ids, pre) == fast_batches
+
+
+def test_in_order_pass_declines_later_or_own_prerequisites():
+    from baton import planner
+
+    assert planner._graph_in_order(["a", "b"], {"a": ["b"]}, [1.0, 1.0]) is None
+    assert planner._graph_in_order(["a"], {"a": ["a"]}, [1.0]) is None
+    with pytest.raises(DependencyCycle):
+        build_plan({"a": 1.0}, {"a": ["a"]})
+    p = build_plan({"b": 1.0, "a": 2.0}, {"b": ["a"]}, wip_limit=1)
+    assert p.batches == [["a"], ["b"]] and p.critical_path == ["a", "b"] and p.estimated_makespan_s == 3
