@@ -146,7 +146,8 @@ def encode_payload(value: Any) -> bytes | None:
     if type(value) is bytes:
         return _RAW + value
     try:
-        return _PACKED + _STRICT_PACK(value)
+        packed: bytes = _STRICT_PACK(value)
+        return _PACKED + packed
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(
             "payload must be bytes or a JSON/msgpack value (dict, list, str, int, float, bool, None, bytes) "
@@ -359,7 +360,7 @@ class AttemptRecord(BaseModel):
 class Task(TaskSpec):
     """A stored task: the submission plus its state.  ``id`` is always set."""
 
-    id: str  # type: ignore[assignment]
+    id: str
     status: Status
     calculated_priority: float
     priority_breakdown: PriorityBreakdown

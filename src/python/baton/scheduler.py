@@ -334,21 +334,21 @@ class Scheduler:
         self._puts[rec.id] = rec
         self._mutated = True
 
-    def _apply_image(self, img: bytes | list[Any], now: float) -> TaskRecord:
+    def _apply_image(self, img: bytes | Sequence[Any], now: float) -> TaskRecord:
         """Install a record image (snapshot, replay, or another writer's change) and index it."""
-        if isinstance(img, bytes):
-            img = unpack_values(img)
-        tid = img[1]
+        values: Sequence[Any] = unpack_values(img) if isinstance(img, bytes) else img
+        tid: str = values[1]
         rec = self._by_id.get(tid)
+        old_status: str | None = None
+        old_prereqs: tuple[str, ...] = ()
         if rec is None:
-            rec = unpack_image(img)
-            old_status, old_prereqs = None, ()
+            rec = unpack_image(values)
             self._by_id[tid] = rec
             if rec.seq >= self._next_seq:
                 self._next_seq = rec.seq + 1
         else:
             old_status, old_prereqs = rec.status, rec.prereqs
-            unpack_image(img, into=rec)
+            unpack_image(values, into=rec)
             rec.img = None
         rec.static = self._static(rec.base_priority, rec.depth, rec.source)
         if old_prereqs != rec.prereqs:

@@ -13,7 +13,7 @@ the smallest form that gives it back.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any, Final
 
@@ -96,11 +96,11 @@ _image_of: Final = attrgetter(*IMAGE_FIELDS)
 
 
 def pack_image(rec: TaskRecord) -> bytes:
-    return _PACK(_image_of(rec))
+    return bytes(_PACK(_image_of(rec)))
 
 
 def astuple_image(rec: TaskRecord) -> tuple[Any, ...]:
-    return _image_of(rec)  # type: ignore[no-any-return]
+    return tuple(_image_of(rec))
 
 
 pack_tuple: Final = _PACK  # an image built as a tuple in IMAGE_FIELDS order
@@ -111,7 +111,7 @@ def unpack_values(blob: bytes) -> Any:
     return msgpack.unpackb(blob, raw=False, strict_map_key=False, use_list=False)
 
 
-def unpack_image(img: bytes | list[Any], into: TaskRecord | None = None) -> TaskRecord:
+def unpack_image(img: bytes | Sequence[Any], into: TaskRecord | None = None) -> TaskRecord:
     """A record from its image; ``into`` updates an existing record in place (the scheduler's indexes hold
     references to it)."""
     values = unpack_values(img) if isinstance(img, bytes) else img
@@ -159,7 +159,7 @@ def spec_fields(s: TaskSpec) -> dict[str, Any]:
 
 
 def pack_spec(s: TaskSpec) -> bytes:
-    return _PACK(spec_fields(s))
+    return bytes(_PACK(spec_fields(s)))
 
 
 def _fresh(default: Any) -> Any:
