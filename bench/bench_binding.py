@@ -22,7 +22,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src", "python"))
 
 from baton import native  # noqa: E402
-from baton.native import ffi, lib  # noqa: E402
+from baton.native import lib  # noqa: E402
 
 FRAME = b"x" * 64
 CALLS = 20_000

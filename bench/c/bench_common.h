@@ -1,8 +1,9 @@
 /*
  * bench_common.h -- the helpers bench_io.c and bench_ring.c share: error exit, reaping the child, the options,
- * the CPU model and commit for the header line, sorting latency samples, and the parts of the JSON report that
- * are the same in both (the opening fields and the "latency_ns" array).  Timing, percentiles and the
- * "throughput" array stay in each program: they differ (rdtsc ticks against CLOCK_MONOTONIC, extra fields).
+ * pinning to a CPU, the CPU model and commit for the header line, the latency row of a set of samples, and the
+ * parts of the JSON report that are the same in both (the opening fields and the "latency_ns" array).  Timing
+ * and the "throughput" array stay in each program: they differ (rdtsc ticks against CLOCK_MONOTONIC, extra
+ * fields).
  *
  * Each program sets bench_prog to its name first thing in main; die() and reap() print it, and it is the
  * JSON "bench" field.
@@ -11,6 +12,7 @@
 #define BENCH_COMMON_H
 
 #include <errno.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +36,21 @@ static inline void reap(pid_t pid)
         fprintf(stderr, "%s: child failed (status %d)\n", bench_prog, st);
         exit(1);
     }
+}
+
+/* Online CPUs; each program sets it in main before pinning. */
+static int g_ncpu;
+
+/* Pins the calling thread or process to CPU cpu (modulo g_ncpu); a no-op on one CPU. */
+static inline void pin(int cpu)
+{
+    if (g_ncpu < 2)
+        return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu % g_ncpu, &set);
+    if (sched_setaffinity(0, sizeof(set), &set) < 0)
+        die("sched_setaffinity", errno);
 }
 
 /* A "--flag N" option: bench_args stores N in *val. */
@@ -86,6 +103,15 @@ static inline double sort_samples(uint64_t *s, uint64_t n)
     for (uint64_t i = 0; i < n; i++)
         sum += (double)s[i];
     return sum;
+}
+
+/* The latency row of n samples (sorted here), each sample times ns_per_unit giving nanoseconds. */
+static inline lat_result lat_summary(const char *name, uint64_t *s, uint64_t n, double ns_per_unit)
+{
+    double sum = sort_samples(s, n);
+    lat_result r = {name, n, s[n / 2] * ns_per_unit, s[n * 99 / 100] * ns_per_unit, s[n * 999 / 1000] * ns_per_unit,
+                    sum / (double)n * ns_per_unit, s[0] * ns_per_unit};
+    return r;
 }
 
 /* The CPU model from /proc/cpuinfo, "unknown" when there is none. */

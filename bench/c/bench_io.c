@@ -33,18 +33,6 @@
 #define MSG 64
 #define BATCH_MAX 64
 
-static int g_ncpu;
-
-static void pin(int cpu)
-{
-    if (g_ncpu < 2)
-        return;
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu % g_ncpu, &set);
-    sched_setaffinity(0, sizeof(set), &set);
-}
-
 typedef struct tput_result {
     const char *name;
     uint64_t n;
@@ -58,9 +46,7 @@ static int g_ntput;
 
 static void report_lat(const char *name, uint64_t *s, uint64_t n)
 {
-    double sum = sort_samples(s, n);
-    lat_result r = {name, n, (double)s[n / 2], (double)s[n * 99 / 100], (double)s[n * 999 / 1000], sum / (double)n,
-                    (double)s[0]};
+    lat_result r = lat_summary(name, s, n, 1.0);
     g_lat[g_nlat++] = r;
     printf("  %-34s n=%-8llu p50 %8.2f us  p99 %8.2f us  p99.9 %8.2f us  mean %8.2f us\n", name,
            (unsigned long long)n, r.p50 / 1e3, r.p99 / 1e3, r.p999 / 1e3, r.mean / 1e3);

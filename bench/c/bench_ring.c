@@ -40,19 +40,6 @@ static void relax(void)
 #endif
 }
 
-static int g_ncpu;
-
-static void pin(int cpu)
-{
-    if (g_ncpu < 2)
-        return;
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu % g_ncpu, &set);
-    if (sched_setaffinity(0, sizeof(set), &set) < 0)
-        die("sched_setaffinity", errno);
-}
-
 /* ---- clock: rdtsc where there is one, calibrated once; CLOCK_MONOTONIC otherwise ---- */
 static double g_ns_per_tick = 1.0;
 
@@ -91,15 +78,8 @@ static int g_ntput;
 
 static void add_lat(const char *name, uint64_t *s, uint64_t n)
 {
-    double sum = sort_samples(s, n);
     lat_result *l = &g_lat[g_nlat++];
-    l->name = name;
-    l->n = n;
-    l->p50 = s[n / 2] * g_ns_per_tick;
-    l->p99 = s[(uint64_t)(n * 0.99)] * g_ns_per_tick;
-    l->p999 = s[(uint64_t)(n * 0.999)] * g_ns_per_tick;
-    l->mean = sum / n * g_ns_per_tick;
-    l->min = s[0] * g_ns_per_tick;
+    *l = lat_summary(name, s, n, g_ns_per_tick);
     printf("  %-34s n=%-8llu p50 %8.0f ns  p99 %8.0f ns  p99.9 %8.0f ns  mean %8.0f  min %6.0f\n", name,
            (unsigned long long)n, l->p50, l->p99, l->p999, l->mean, l->min);
     fflush(stdout);

@@ -140,32 +140,6 @@ def test_split_conflicts_never_pairs_overlaps(scopes, links, solo):
                 assert y not in cw.get(x, []) and x not in cw.get(y, [])
 
 
-def _reference_makespan(est, pre, wip):
-    """Textbook list scheduling (highest bottom level first, then input order), written for clarity."""
-    ids = list(est)
-    children = {t: [c for c in ids if t in pre.get(c, ())] for t in ids}
-    bottom = {}
-    for t in reversed(topological_batches(ids, pre)[0]):
-        for x in t:
-            bottom[x] = est[x] + max((bottom[c] for c in children[x]), default=0.0)
-    left = {t: len(pre.get(t, ())) for t in ids}
-    ready = [t for t in ids if left[t] == 0]
-    running, now = [], 0.0
-    while ready or running:
-        ready.sort(key=lambda t: (-bottom[t], ids.index(t)))
-        while ready and len(running) < wip:
-            t = ready.pop(0)
-            running.append((now + est[t], t))
-        now = min(f for f, _ in running)
-        for f, t in [r for r in running if r[0] == now]:
-            running.remove((f, t))
-            for c in children[t]:
-                left[c] -= 1
-                if left[c] == 0:
-                    ready.append(c)
-    return now
-
-
 @pytest.mark.parametrize("seed", range(30))
 def test_wip_simulation_matches_reference_including_ties(seed):
     import random
@@ -176,7 +150,8 @@ def test_wip_simulation_matches_reference_including_ties(seed):
     est = {t: float(rng.randint(1, 4)) for t in ids}  # small integers: many tasks finish at the same instant
     pre = {ids[i]: sorted({ids[rng.randrange(i)] for _ in range(rng.randint(0, 2))}) if i else [] for i in range(n)}
     for wip in (1, 2, 3, 8):
-        assert build_plan(est, pre, wip_limit=wip).estimated_makespan_s == _reference_makespan(est, pre, wip)
+        assert build_plan(est, pre, wip_limit=wip).estimated_makespan_s == _reference_plan(est, pre, wip)[
+            "estimated_makespan_s"]
 
 
 def _reference_plan(est, pre, wip, done=frozenset()):

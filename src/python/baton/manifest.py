@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from baton import priority as prio
-from baton.models import RISK_RANK, TERMINAL, ExecutionPlan, Risk, Status, normalize_risk, unpack
+from baton.models import RISK_RANK, TERMINAL, ExecutionPlan, Risk, Status, normalize_risk, summarize_details, unpack
 from baton.planner import build_plan, gc_paused, split_conflicts, topological_batches
 from baton.scheduler import Scheduler
 from baton.scheduler_errors import ManifestError, TaskValidationError
@@ -215,12 +215,7 @@ def parse_manifest(
         details = [
             {"field": _loc(e["loc"]), "code": e["type"], "message": e["msg"]} for e in exc.errors(include_url=False)
         ]
-        first = details[0]
-        raise ManifestError(
-            f"manifest has the wrong shape at {first['field']}: {first['message']}"
-            + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
-            details=details,
-        ) from None
+        raise ManifestError(summarize_details("manifest has the wrong shape at ", details), details=details) from None
     for i, t in enumerate(m.tasks):
         try:
             t.estimate_s()

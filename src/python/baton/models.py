@@ -51,6 +51,7 @@ __all__ = [
     "unpack",
     "parse_spec",
     "parse_specs",
+    "summarize_details",
 ]
 
 
@@ -271,15 +272,26 @@ def _message(err: Any, field: str) -> str:
     return str(err["msg"])
 
 
-def _validation_details(exc: ValidationError, index: int | None) -> list[dict[str, Any]]:
+def _validation_details(exc: ValidationError, *, indexed: bool) -> list[dict[str, Any]]:
+    """pydantic's errors as ``{field, code, message}``; ``indexed``: the first location element is the item's
+    index in a batch, reported as ``index``."""
     out: list[dict[str, Any]] = []
     for err in exc.errors(include_url=False):
-        field = ".".join(str(p) for p in err["loc"]) or "<task>"
+        loc = list(err["loc"])
+        index = loc.pop(0) if indexed and loc else None
+        field = ".".join(str(p) for p in loc) or "<task>"
         d: dict[str, Any] = {"field": field, "code": err["type"], "message": _message(err, field)}
-        if index is not None:
+        if indexed:
             d["index"] = index
         out.append(d)
     return out
+
+
+def summarize_details(prefix: str, details: list[dict[str, Any]]) -> str:
+    """One line for a person: the first problem, and how many more there are (all are in ``details``)."""
+    first = details[0]
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return f"{prefix}{first['field']}: {first['message']}{more}"
 
 
 def parse_spec(data: TaskSpec | dict[str, Any]) -> TaskSpec:
@@ -289,13 +301,8 @@ def parse_spec(data: TaskSpec | dict[str, Any]) -> TaskSpec:
     try:
         return TaskSpec.model_validate(data)
     except ValidationError as exc:
-        details = _validation_details(exc, None)
-        first = details[0]
-        raise TaskValidationError(
-            f"invalid task: {first['field']}: {first['message']}"
-            + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
-            details=details,
-        ) from None
+        details = _validation_details(exc, indexed=False)
+    raise TaskValidationError(summarize_details("invalid task: ", details), details=details)
 
 
 def parse_specs(items: list[TaskSpec | dict[str, Any]]) -> list[TaskSpec]:
@@ -308,16 +315,9 @@ def parse_specs(items: list[TaskSpec | dict[str, Any]]) -> list[TaskSpec]:
     try:
         return _SPEC_LIST.validate_python(items)
     except ValidationError as exc:
-        details: list[dict[str, Any]] = []
-        for err in exc.errors(include_url=False):
-            index, *loc = err["loc"] or (None,)
-            field = ".".join(str(p) for p in loc) or "<task>"
-            details.append({"field": field, "code": err["type"], "message": _message(err, field), "index": index})
-    first = details[0]
+        details = _validation_details(exc, indexed=True)
     raise TaskValidationError(
-        f"invalid task at index {first['index']}: {first['field']}: {first['message']}"
-        + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
-        details=details,
+        summarize_details(f"invalid task at index {details[0]['index']}: ", details), details=details
     )
 
 
