@@ -135,7 +135,7 @@ class DependentPolicy(enum.StrEnum):
 # as a list; strict_types rejects it instead).
 _RAW: Final = b"\x01"
 _PACKED: Final = b"\x02"
-# One reusable Packer: msgpack.packb builds a Packer per call (0.76 us vs 0.14 us here, measured), and payloads
+# One reusable Packer: msgpack.packb builds a Packer per call (several times the cost of a pack), and payloads
 # are packed several times per task.  Safe to share: packing these exact types runs no Python code, so it
 # holds the GIL throughout, and msgpack (>= 1.0) resets the buffer when a value is refused.
 _STRICT_PACK: Final = msgpack.Packer(use_bin_type=True, strict_types=True).pack
@@ -194,7 +194,7 @@ class TaskSpec(BaseModel):
     id: str | None = Field(default=None, description="caller-chosen id; generated when absent")
     summary: str = Field(min_length=1, max_length=1_000)
     description: str = Field(default="", max_length=200_000)
-    # A pattern (checked in pydantic-core, no Python call per task: ~0.4 us here); _message() words its error.
+    # A pattern (checked in pydantic-core, no Python call per task); _message() words its error.
     agent_type: str = Field(pattern=_AGENT_PATTERN)
     source: str = Source.HUMAN.value
     base_priority: StrictInt = Field(default=5, ge=0, le=10)
@@ -233,7 +233,7 @@ class TaskSpec(BaseModel):
 
     # Cross-field rules live in the validator of the later field (info.data holds the earlier ones), not in
     # a model validator: field validators run only for fields that were given, so a typical submission pays
-    # for none of these checks (a model validator costs every task ~1 us, measured).
+    # for none of these checks (a model validator costs every task a Python call).
     @field_validator("prerequisites")
     @classmethod
     def _prereqs_unique(cls, v: list[str], info: ValidationInfo) -> list[str]:
@@ -393,7 +393,7 @@ class Task(TaskSpec):
 
 
 class EnqueueResult(NamedTuple):
-    """One per submitted task, so a plain named tuple (a pydantic model cost ~1.5 us per task here)."""
+    """One per submitted task, so a plain named tuple (no pydantic model per task)."""
 
     task_id: str
     created: bool  # False when the idempotency key matched an existing task

@@ -136,7 +136,8 @@ def pulse(
     nxt = next_eligible(sch, next_n, manifest_id=manifest_id)
     reasons = sch.waiting_reasons()
     counts = dict.fromkeys((s.value for s in Status), 0)
-    recs = [r for r in sch.records() if manifest_id is None or r.manifest_id == manifest_id]
+    every = list(sch.records())
+    recs = [r for r in every if manifest_id is None or r.manifest_id == manifest_id]
     hr_done = hr_left = 0
     latest: TaskRecord | None = None
     running: list[TaskRecord] = []
@@ -160,10 +161,9 @@ def pulse(
         elif st == "blocked":
             blocked.append(r)
     # Dead letters and failures that still hold up live dependents (and were not requeued).
+    awaited = {p for r in every if r.status not in _DONE for p in r.prereqs}
     dead_blocking = [
-        r for r in recs
-        if r.status in ("dead_lettered", "failed") and r.requeued_as is None
-        and any(sch.status_of(d).value not in _DONE for d in sch.dependents_of(r.id))
+        r for r in recs if r.status in ("dead_lettered", "failed") and r.requeued_as is None and r.id in awaited
     ]
     total = len(recs)
 

@@ -27,7 +27,7 @@ from typing import Any, Final, Literal, Protocol
 import msgpack
 
 from baton.scheduler_errors import SchemaError
-from baton.taskstate import astuple_image, unpack_image, unpack_values
+from baton.taskstate import IMAGE_FIELDS, unpack_values
 
 __all__ = ["TaskStore", "TaskRepository", "SCHEMA_VERSION", "MIGRATIONS"]
 
@@ -339,14 +339,15 @@ def _to_snapshot_and_journal(c: sqlite3.Connection) -> None:
         " result, error, history, criteria_done, requeued_from, requeued_as, manifest_id FROM tasks"
     ).fetchall()
     images = []
-    for r in rows:
+    blobs = (IMAGE_FIELDS.index("history"), IMAGE_FIELDS.index("criteria_done"))  # msgpack columns in v3
+    for r in rows:  # the columns above are IMAGE_FIELDS in order, prerequisites last
         img = list(r)
-        img[30] = unpack_values(r[30]) if r[30] is not None else ()  # history
-        img[31] = unpack_values(r[31]) if r[31] is not None else ()  # criteria_done
+        for k in blobs:
+            img[k] = unpack_values(r[k]) if r[k] is not None else ()
         img.append(tuple(sorted(prereqs.get(r[1], []))))
-        images.append(unpack_image(img))
+        images.append(img)
     if images:
-        c.execute("INSERT INTO snapshot (images) VALUES (?)", (msgpack.packb([astuple_image(r) for r in images]),))
+        c.execute("INSERT INTO snapshot (images) VALUES (?)", (msgpack.packb(images),))
     c.execute("DROP TABLE tasks")
     c.execute("DROP TABLE deps")
 

@@ -21,8 +21,10 @@ import msgpack
 
 from baton.models import TaskSpec
 
-__all__ = ["TaskRecord", "IMAGE_FIELDS", "astuple_image", "pack_image", "pack_tuple", "unpack_image", "unpack_values", "pack_spec", "unpack_spec",
-           "spec_fields"]
+__all__ = [
+    "TaskRecord", "IMAGE_FIELDS", "pack_image", "pack_tuple", "unpack_image", "unpack_values", "pack_spec",
+    "unpack_spec", "spec_fields",
+]
 
 # Durable fields, in image order.  Never reorder: add new fields at the end (older images are shorter and
 # get the defaults of ``TaskRecord``).
@@ -73,7 +75,7 @@ class TaskRecord:
     result: bytes | None = None
     error: str | None = None
     # Tuples, not lists: an empty tuple is a shared constant the cyclic GC never tracks, and a full
-    # collection walks every tracked object (records live long; 3 lists each were ~4x the tracked objects).
+    # collection walks every tracked object (records live long; 3 lists each quadrupled the tracked objects).
     history: tuple[dict[str, Any], ...] = ()
     criteria_done: tuple[str, ...] = ()
     requeued_from: str | None = None
@@ -98,9 +100,6 @@ _image_of: Final = attrgetter(*IMAGE_FIELDS)
 def pack_image(rec: TaskRecord) -> bytes:
     return bytes(_PACK(_image_of(rec)))
 
-
-def astuple_image(rec: TaskRecord) -> tuple[Any, ...]:
-    return tuple(_image_of(rec))
 
 
 pack_tuple: Final = _PACK  # an image built as a tuple in IMAGE_FIELDS order
