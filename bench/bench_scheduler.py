@@ -174,7 +174,7 @@ def bench_throughput(tmp: Path, n: int, repeat: int, quick: bool) -> list[dict[s
                      "runs_us": [x * 1e6 for x in v]})
     per_chain = [_throughput_chain(tmp, n, 1000) for _ in range(repeat)]
     m = statistics.median(per_chain)
-    rows.append({"name": "same, each batch depends on the previous one (release path), fresh store", "n": n,
+    rows.append({"name": "same, each batch depends on the previous one (release path), FULL, fresh store", "n": n,
                  "median_us_per_task": m * 1e6, "tasks_per_s": 1 / m, "runs_us": [x * 1e6 for x in per_chain]})
     n1 = 300 if quick else 1000
     single = [_throughput(tmp, n1, 1, "single", "FULL") for _ in range(max(1, repeat // 2))]
