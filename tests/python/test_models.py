@@ -171,24 +171,26 @@ def test_deadline_keeps_its_offset():
 
 
 def test_batch_validation_in_one_call_matches_single_validation():
-    """parse_specs validates the list in one pydantic call; its details equal per-item parse_spec's plus the
-    index, and TaskSpec instances pass through as the same objects."""
-    ready = parse_spec(base(summary="already a spec"))
-    items = [base(), ready, base(agent_type="has space", base_priority=99), "not a dict", base(input=(1,))]
+    """parse_specs validates the list in one pydantic call into Submissions (the fields given); its details
+    equal per-item parse_spec's plus the index, and a TaskSpec counts as the fields it was given."""
+    ready = parse_spec(base(summary="already a spec", risk="high"))
+    items = [base(), ready, base(agent_type="has space", base_priority=99), base(id="a", prerequisites=["a"])]
     with pytest.raises(TaskValidationError) as ei:
         parse_specs(items)
     expected = []
     for i, item in enumerate(items):
-        if isinstance(item, TaskSpec):
-            continue
         try:
-            parse_spec(item)  # type: ignore[arg-type]
+            parse_spec(item)
         except TaskValidationError as exc:
             expected.extend({**d, "index": i} for d in exc.details)
+    assert [d["index"] for d in expected] == [2, 2, 3]
     assert ei.value.details == expected
     assert str(ei.value).startswith("invalid task at index 2: ")
-    ok = parse_specs([base(), ready])
-    assert ok[1] is ready and isinstance(ok[0], TaskSpec)
+    with pytest.raises(TaskValidationError) as ei:
+        parse_specs([base(), "not a dict"])
+    assert [(d["index"], d["code"]) for d in ei.value.details] == [(1, "dict_type")]
+    ok = parse_specs([base(description="d"), ready])
+    assert ok == [{**base(), "description": "d"}, {**base(), "summary": "already a spec", "risk": Risk.HIGH}]
 
 
 def test_refused_payload_does_not_corrupt_the_next_one():

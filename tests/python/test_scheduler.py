@@ -56,6 +56,16 @@ def test_unknown_prerequisite_rejected_with_details(s):
         s.get("b")
 
 
+def test_payload_that_cannot_be_kept_exactly_rejects_the_batch(s):
+    # A tuple would come back as a list: refused, naming each such task by its index; nothing is stored.
+    with pytest.raises(TaskValidationError) as ei:
+        s.enqueue_many([spec("a"), spec("b", input=(1, 2)), spec("c", input={"k": {1, 2}})])
+    assert [(d["index"], d["field"]) for d in ei.value.details] == [(1, "input"), (2, "input")]
+    assert "kept exactly" in str(ei.value) and str(ei.value).startswith("invalid task at index 1: ")
+    assert s.tasks() == []
+    assert s.enqueue(spec("a", input=[1, 2])).created
+
+
 def test_completed_prerequisite_is_satisfied_at_enqueue(s):
     s.enqueue(spec("a"))
     run(s, "a")

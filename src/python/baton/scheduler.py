@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from functools import partial
 from typing import Any, Final
 
 import msgpack
@@ -51,13 +52,17 @@ from baton.models import (
     ExecutionPlan,
     FailOutcome,
     PriorityBreakdown,
+    Risk,
     Status,
+    SPEC_DEFAULTS,
+    Submission,
     Task,
     TaskSpec,
     check_transition,
     decode_payload,
     encode_payload,
     parse_specs,
+    summarize_details,
 )
 from baton.planner import build_plan, gc_paused
 from baton.scheduler_errors import (
@@ -72,6 +77,7 @@ from baton.scheduler_errors import (
 from baton.store import TaskStore
 from baton.taskstate import (
     TaskRecord,
+    given_fields,
     pack_image,
     pack_spec,
     pack_tuple,
@@ -95,8 +101,15 @@ _BLOCKED: Final = Status.BLOCKED.value
 _COMPLETED: Final = Status.COMPLETED.value
 _CANCELLED: Final = Status.CANCELLED.value
 _DEAD_LETTERED: Final = Status.DEAD_LETTERED.value
+_NO_DEADLINE: Final = prio.NO_DEADLINE
 _STATUS: Final = {s.value: s for s in Status}  # value -> member without Status(value)'s lookup machinery
+# A Submission holds only the fields given; these are the stored values of the defaults read per task.
+_HUMAN: Final = SPEC_DEFAULTS["source"]
+_RISK_VALUE: Final[dict[Risk | None, str]] = {None: SPEC_DEFAULTS["risk"].value, **{r: r.value for r in Risk}}
 _PACK = msgpack.Packer(use_bin_type=True).pack
+# NamedTuple constructors run a Python-level __new__; tuple.__new__ builds the same object in C (one per task).
+_new_result: Final[Callable[[tuple[str, bool, Status]], EnqueueResult]] = partial(tuple.__new__, EnqueueResult)
+_new_claim: Final[Callable[[tuple[Any, ...]], Claim]] = partial(tuple.__new__, Claim)
 
 # Journal entry: [ops, images].  ops are deltas for the hot paths, replayed by the same code that applied
 # them live; images are the final state of every other record the change touched, applied after the ops.
@@ -136,10 +149,6 @@ def _new_ids(n: int) -> Iterator[str]:
     ms = f"{time.time_ns() // 1_000_000:012x}"
     rnd = os.urandom(10 * n).hex()
     return (ms + rnd[k : k + 20] for k in range(0, 20 * n, 20))
-
-
-def _ts(dt: datetime | None) -> float | None:
-    return None if dt is None else dt.timestamp()
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -184,9 +193,12 @@ class Scheduler:
         self._by_id: dict[str, TaskRecord] = {}
         self._children: dict[str, list[str]] = {}  # prerequisite -> dependents (live edges)
         self._idem: dict[str, str] = {}  # idempotency key -> task id
-        self._ready: dict[str, list[tuple[float, float, int, int, TaskRecord]]] = {}  # per agent_type
-        self._delayed: list[tuple[float, int, int, TaskRecord]] = []  # ready but in retry backoff
-        self._leases: list[tuple[float, int, int, TaskRecord]] = []  # (expires, seq, token, record)
+        # Queue entries name their task by id, not by record: a tuple of plain values is dropped from the
+        # cyclic GC's tracking at its first collection, a tuple holding a record is rescanned in every full
+        # collection for as long as it is queued (a backlog, or leases kept until they expire).
+        self._ready: dict[str, list[tuple[float, float, int, int, str]]] = {}  # per agent_type, dispatch_key order
+        self._delayed: list[tuple[float, int, int, str]] = []  # ready but in retry backoff: (not_before, seq, qver, id)
+        self._leases: list[tuple[float, int, int, str]] = []  # (expires, seq, token, id)
         self._ready_deadline: dict[str, TaskRecord] = {}  # ready tasks whose rank changes with time
         self._counts: Counter[str] = Counter()  # tasks per status
         self._running_n: Counter[str] = Counter()  # running tasks per agent_type
@@ -377,7 +389,7 @@ class Scheduler:
         elif new == _RUNNING:
             self._running_n[rec.agent_type] += 1
             if rec.expires is not None:
-                heapq.heappush(self._leases, (rec.expires, rec.seq, rec.token, rec))
+                heapq.heappush(self._leases, (rec.expires, rec.seq, rec.token, rec.id))
 
     def _set(self, rec: TaskRecord, status: str, now: float) -> None:
         """A validated state transition with index upkeep; the record goes into this transaction's entry."""
@@ -397,7 +409,7 @@ class Scheduler:
             rec.rank = prio.rank_key(self._w, rec.static, rec.deadline, rec.estimate, rec.ready_at or now, now)
             self._ready_deadline[rec.id] = rec
         if rec.not_before > now:
-            heapq.heappush(self._delayed, (rec.not_before, rec.seq, rec.qver, rec))
+            heapq.heappush(self._delayed, (rec.not_before, rec.seq, rec.qver, rec.id))
         else:
             self._push_ready(rec)
 
@@ -407,12 +419,13 @@ class Scheduler:
         if heap is None:
             heap = self._ready[rec.agent_type] = []
         key = prio.NO_DEADLINE if rec.deadline is None else rec.deadline
-        heapq.heappush(heap, (-rec.rank, key, rec.seq, rec.qver, rec))
+        heapq.heappush(heap, (-rec.rank, key, rec.seq, rec.qver, rec.id))
 
     def _promote_delayed(self, now: float) -> None:
         d = self._delayed
         while d and d[0][0] <= now:
-            _, _, qv, rec = heapq.heappop(d)
+            _, _, qv, tid = heapq.heappop(d)
+            rec = self._by_id[tid]
             if rec.qver == qv and rec.status == _READY:
                 self._push_ready(rec)
 
@@ -433,7 +446,7 @@ class Scheduler:
                 rec.started = rec.updated = now
                 if rec.deadline is not None:
                     self._ready_deadline.pop(tid, None)
-                push(leases, (expires, rec.seq, fence, rec))
+                push(leases, (expires, rec.seq, fence, tid))
                 out.append(rec)
             n = len(items)
             self._counts[_READY] -= n
@@ -482,13 +495,13 @@ class Scheduler:
         idempotency key is already known is not created again: its result points at the existing task.
         """
         with gc_paused():
-            parsed = parse_specs(list(specs))
+            parsed = parse_specs(specs)
             with self.transaction():
                 return self._enqueue(parsed, self.clock(), manifest_id=manifest_id)
 
     def _enqueue(
         self,
-        specs: list[TaskSpec],
+        specs: list[Submission],
         now: float,
         *,
         manifest_id: str | None = None,
@@ -500,12 +513,12 @@ class Scheduler:
         # Ids, idempotency and duplicates in one pass.  A known key returns the existing task, and so does a
         # repeat of a key inside the batch (resolved at the end, once the first holder has its id).
         batch_keys: dict[str, int] = {}
-        new: dict[str, tuple[int, TaskSpec]] = {}  # id -> (index, spec), in submission order
+        new: dict[str, tuple[int, Submission]] = {}  # id -> (index, spec), in submission order
         details: list[dict[str, Any]] = []
-        fresh_ids = _new_ids(sum(1 for s in specs if s.id is None))
+        fresh_ids = _new_ids(sum(1 for s in specs if s.get("id") is None))
         has_prereqs = False
         for i, s in enumerate(specs):
-            k = s.idempotency_key
+            k = s.get("idempotency_key")
             if k is not None:
                 known = self._idem.get(k)
                 if known is not None:
@@ -514,20 +527,21 @@ class Scheduler:
                 if k in batch_keys:
                     continue
                 batch_keys[k] = i
-            tid = s.id if s.id is not None else next(fresh_ids)
+            tid = s.get("id") or next(fresh_ids)
             if tid in new or tid in by_id:
                 details.append({"index": i, "task_id": tid, "code": "DUPLICATE_ID",
                                 "message": "id repeated in batch" if tid in new else "id already exists"})
             new[tid] = (i, s)
-            has_prereqs = has_prereqs or bool(s.prerequisites)
+            has_prereqs = has_prereqs or "prerequisites" in s
         if details:
             raise DuplicateTask(f"task id {details[0]['task_id']!r} is not unique", details=details)
+        inputs = _encode_inputs(specs, new.values())
 
         if has_prereqs:
             missing = [
                 {"index": i, "task_id": tid, "prerequisite": p, "code": "UNKNOWN_PREREQUISITE",
                  "message": f"prerequisite {p!r} does not exist"}
-                for tid, (i, s) in new.items() for p in s.prerequisites if p not in new and p not in by_id
+                for tid, (i, s) in new.items() for p in s.get("prerequisites", ()) if p not in new and p not in by_id
             ]
             if missing:
                 m = missing[0]
@@ -540,7 +554,7 @@ class Scheduler:
             depth: dict[str, int] = dict.fromkeys(order, 0)
             for tid in reversed(order):
                 d1 = depth[tid] + 1
-                for p in new[tid][1].prerequisites:
+                for p in new[tid][1].get("prerequisites", ()):
                     if p in new and depth[p] < d1:
                         depth[p] = d1
         else:
@@ -552,11 +566,13 @@ class Scheduler:
         seq = self._next_seq
         children = self._children
         counts, aging_rate = self._counts, self._aging_rate
+        static_memo, ready, push = self._static_memo, self._ready, heapq.heappush
         for tid in order:
             i, s = new[tid]
-            pol = s.on_prerequisite_failure
+            g = s.get
+            pol = g("on_prerequisite_failure")
             policy = policy_default if pol is None else pol.value
-            prereqs = tuple(s.prerequisites)
+            prereqs = tuple(g("prerequisites", ()))
             d = depth.get(tid, 0)
             if prereqs:
                 status, unmet, ready_at, finished, error, blocked = self._initial_state(prereqs, policy, now)
@@ -564,13 +580,20 @@ class Scheduler:
                 status, unmet, ready_at, finished, error, blocked = _READY, 0, now, None, None, None
             # The image first (IMAGE_FIELDS order): it builds the record positionally (faster than
             # keywords) and is packed for the journal as is.
+            source, base_priority, deadline = g("source", _HUMAN), g("base_priority", 5), g("deadline")
+            if deadline is not None:
+                deadline = deadline.timestamp()
+            static = static_memo.get((base_priority, d, source))
+            if static is None:
+                static = self._static(base_priority, d, source)
             img = (
-                seq, tid, status, s.agent_type, s.source, s.base_priority, s.risk.value, policy, _ts(s.deadline),
-                s.estimated_duration_s or 0.0, d, unmet, 0, s.max_attempts, s.timeout_s, s.idempotency_key, now,
-                now, ready_at, None, finished, 0.0, None, None, 0, blocked, pack_spec(s), encode_payload(s.input),
-                None, error, (), (), requeued_from.get(tid) if requeued_from else None, None, manifest_id, prereqs,
+                seq, tid, status, s["agent_type"], source, base_priority, _RISK_VALUE[g("risk")], policy,
+                deadline, g("estimated_duration_s") or 0.0, d, unmet, 0, g("max_attempts", 3),
+                g("timeout_s"), g("idempotency_key"), now, now, ready_at, None, finished, 0.0, None, None, 0,
+                blocked, pack_spec(s), inputs[i], None, error, (), (),
+                requeued_from.get(tid) if requeued_from else None, None, manifest_id, prereqs,
             )
-            r = TaskRecord(*img, self._static(s.base_priority, d, s.source))
+            r = TaskRecord(*img, static)
             r.img = pack_tuple(img)
             seq += 1
             by_id[tid] = r
@@ -580,22 +603,25 @@ class Scheduler:
                 self._requeues[r.requeued_from] += 1
             for p in prereqs:
                 children.setdefault(p, []).append(tid)
-            if status == _READY and r.deadline is None:  # _index's common case, without its calls (callgrind)
+            if status == _READY and deadline is None:  # _index's common case, spelled out (callgrind)
                 counts[_READY] += 1
                 r.qver = 1
-                r.rank = r.static - aging_rate * now
-                self._push_ready(r)
+                r.rank = rank = static - aging_rate * now
+                heap = ready.get(r.agent_type)
+                if heap is None:
+                    heap = ready[r.agent_type] = []
+                push(heap, (-rank, _NO_DEADLINE, r.seq, 1, tid))  # as _push_ready
             else:
                 self._index(r, None, now)
             self._puts[tid] = r
-            results[i] = EnqueueResult(tid, True, _STATUS[status])
+            results[i] = _new_result((tid, True, _STATUS[status]))
         self._next_seq = seq
         self._mutated = True
 
         if has_prereqs:  # stored prerequisites now have longer chains below them
             bumps: dict[str, int] = {}
             for tid, (_, s) in new.items():
-                for p in s.prerequisites:
+                for p in s.get("prerequisites", ()):
                     if p not in new:
                         bumps[p] = max(bumps.get(p, 0), depth[tid] + 1)
             if bumps:
@@ -603,7 +629,7 @@ class Scheduler:
 
         for i, s in enumerate(specs):
             if results[i] is None:  # repeated idempotency key inside the batch
-                first = results[batch_keys[s.idempotency_key]]  # type: ignore[index]
+                first = results[batch_keys[s["idempotency_key"]]]
                 assert first is not None
                 results[i] = EnqueueResult(first.task_id, False, first.status)
         return results  # type: ignore[return-value]
@@ -734,9 +760,10 @@ class Scheduler:
             self._promote_delayed(now)
             heap = self._ready.get(agent_type)
             picked: list[TaskRecord] = []
-            pop = heapq.heappop
+            pop, by_id = heapq.heappop, self._by_id
             while heap and len(picked) < allowed:
-                _, _, _, qv, rec = pop(heap)
+                _, _, _, qv, tid = pop(heap)
+                rec = by_id[tid]
                 if rec.qver == qv and rec.status == _READY:
                     picked.append(rec)
             if not picked:
@@ -748,7 +775,7 @@ class Scheduler:
             self._delta([_OP_CLAIM, now, holder, fence, items])
         rate_now = self._w.aging_rate * now
         return [
-            Claim(r.id, agent_type, fence, r.expires, r.attempts, decode_payload(r.input), r.rank + rate_now)  # type: ignore[arg-type]
+            _new_claim((r.id, agent_type, fence, r.expires, r.attempts, decode_payload(r.input), r.rank + rate_now))
             for r in picked
         ]
 
@@ -774,7 +801,7 @@ class Scheduler:
             rec.expires = exp
             rec.updated = now
             self._touch(rec)
-            heapq.heappush(self._leases, (exp, rec.seq, rec.token, rec))
+            heapq.heappush(self._leases, (exp, rec.seq, rec.token, task_id))
             return exp
 
     def _check_holder(self, task_id: str, token: int) -> TaskRecord:
@@ -796,7 +823,8 @@ class Scheduler:
         out = []
         leases = self._leases
         while leases and leases[0][0] <= now:
-            exp, _, token, rec = heapq.heappop(leases)
+            exp, _, token, tid = heapq.heappop(leases)
+            rec = self._by_id[tid]
             if rec.status != _RUNNING or rec.token != token or rec.expires != exp:
                 continue  # stale entry: completed, reclaimed or extended since
             timed_out = rec.timeout is not None and now >= rec.started + rec.timeout  # type: ignore[operator]
@@ -1038,11 +1066,11 @@ class Scheduler:
             if rec.requeued_as is not None:
                 return EnqueueResult(task_id=rec.requeued_as, created=False,
                                      status=_STATUS[self._by_id[rec.requeued_as].status])
-            spec = self._spec(rec).model_copy(
-                update={"id": new_id or f"{task_id}.r{self._requeues[task_id] + 1}", "idempotency_key": None}
-            )
-            nid: str = spec.id  # type: ignore[assignment]
-            res = self._enqueue([spec], now, requeued_from={nid: task_id})[0]
+            nid = new_id or f"{task_id}.r{self._requeues[task_id] + 1}"
+            given = given_fields(rec.spec)
+            given.pop("idempotency_key", None)
+            given.update(id=nid, input=decode_payload(rec.input))
+            res = self._enqueue(parse_specs([given]), now, requeued_from={nid: task_id})[0]
             rec.requeued_as = nid
             self._touch(rec)
             # Rewire the dependents that were parked because of this dead letter.
@@ -1211,12 +1239,6 @@ class Scheduler:
         self._sync()
         return sorted(self._children.get(task_id, ()))
 
-    def _spec(self, rec: TaskRecord) -> TaskSpec:
-        d = unpack_spec(rec.spec)
-        d["id"] = rec.id
-        d["input"] = decode_payload(rec.input)
-        return TaskSpec.model_validate(d)
-
     def _to_task(self, rec: TaskRecord, now: float) -> Task:
         d = unpack_spec(rec.spec)
         d["id"] = rec.id
@@ -1303,13 +1325,29 @@ def dispatch_key(r: TaskRecord) -> tuple[float, float, int]:
     return (-r.rank, prio.NO_DEADLINE if r.deadline is None else r.deadline, r.seq)
 
 
-def _topo_order(new: Mapping[str, tuple[int, TaskSpec]]) -> list[str]:
+def _encode_inputs(specs: Sequence[Submission], new: Iterable[tuple[int, Submission]]) -> list[bytes | None]:
+    """Each new task's input as the tagged blob it is stored as (by batch index); a value that cannot be kept
+    exactly rejects the batch, naming every such task."""
+    out: list[bytes | None] = [None] * len(specs)
+    details = []
+    for i, s in new:
+        try:
+            out[i] = encode_payload(s.get("input"))
+        except ValueError as exc:
+            details.append({"index": i, "field": "input", "code": "value_error", "message": str(exc)})
+    if details:
+        raise TaskValidationError(summarize_details(f"invalid task at index {details[0]['index']}: ", details),
+                                  details=details)
+    return out
+
+
+def _topo_order(new: Mapping[str, tuple[int, Submission]]) -> list[str]:
     """Kahn's algorithm over the batch's own edges; a cycle is rejected with every task on or behind it."""
     indeg: dict[str, int] = {}
     children: dict[str, list[str]] = {}
     for tid, (_, s) in new.items():
         k = 0
-        for p in s.prerequisites:
+        for p in s.get("prerequisites", ()):
             if p in new:
                 k += 1
                 children.setdefault(p, []).append(tid)

@@ -5,7 +5,7 @@ records (a msgpack list in ``IMAGE_FIELDS`` order) in its snapshot table and in 
 only what cannot be derived: the priority terms that depend on the weights (``static``, ``rank``) and the
 scheduler's index bookkeeping (``qver``) are rebuilt after loading.
 
-The submission itself (``spec``) is a msgpack map of the TaskSpec fields that differ from their defaults,
+The submission itself (``spec``) is a msgpack map of the fields the submitter gave (a ``Submission``),
 minus ``input`` (kept in its own tagged blob, see models.encode_payload) -- what was submitted, exactly, in
 the smallest form that gives it back.
 """
@@ -19,11 +19,11 @@ from typing import Any, Final
 
 import msgpack
 
-from baton.models import TaskSpec
+from baton.models import SPEC_DEFAULTS, Submission
 
 __all__ = [
     "TaskRecord", "IMAGE_FIELDS", "pack_image", "pack_tuple", "unpack_image", "unpack_values", "pack_spec",
-    "unpack_spec", "spec_fields",
+    "unpack_spec", "spec_fields", "given_fields",
 ]
 
 # Durable fields, in image order.  Never reorder: add new fields at the end (older images are shorter and
@@ -123,19 +123,12 @@ def unpack_image(img: bytes | Sequence[Any], into: TaskRecord | None = None) -> 
 
 # --- the submission ----------------------------------------------------------------------------------------
 
-# (field, default) for every TaskSpec field kept in the spec blob, in a stable order.
-_SPEC_DEFAULTS: Final = tuple(
-    (name, f.get_default(call_default_factory=True))
-    for name, f in TaskSpec.model_fields.items()
-    if name not in ("id", "input")
-)
-
 
 def _enum_value(v: Any) -> Any:
     return None if v is None else v.value
 
 
-# Fields whose value is not already a plain msgpack type; every other field is stored as is.
+# Fields whose validated value is not already a plain msgpack type; every other field is stored as is.
 _TO_PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
     "deadline": lambda v: None if v is None else v.isoformat(),
     "acceptance_criteria": lambda v: [(a.id, a.text) for a in v],
@@ -144,31 +137,44 @@ _TO_PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
 }
 
 
-def spec_fields(s: TaskSpec) -> dict[str, Any]:
-    """The fields the submitter gave (pydantic's ``model_fields_set``), minus id and input, in plain msgpack
-    types (enums as values, datetimes as ISO); the others are the defaults and are filled in on unpacking."""
-    out: dict[str, Any] = {}
-    d = s.__dict__
-    for name in s.model_fields_set:
-        if name == "id" or name == "input":
-            continue
-        conv = _TO_PLAIN.get(name)
-        out[name] = d[name] if conv is None else conv(d[name])
+_NOT_STORED: Final = ("id", "input")
+_NEEDS_PLAIN: Final = frozenset(_TO_PLAIN)
+
+
+def spec_fields(s: Submission) -> dict[str, Any]:
+    """The fields the submitter gave, minus id and input, in plain msgpack types (enums as values, datetimes
+    as ISO); the others are the defaults and are filled in on unpacking."""
+    out: dict[str, Any] = dict(s)  # C-level copy and pops: most submissions need no conversion at all
+    for name in _NOT_STORED:
+        out.pop(name, None)
+    if not _NEEDS_PLAIN.isdisjoint(out):
+        for name, conv in _TO_PLAIN.items():
+            if name in out:
+                out[name] = conv(out[name])
     return out
 
 
-def pack_spec(s: TaskSpec) -> bytes:
+def pack_spec(s: Submission) -> bytes:
     return bytes(_PACK(spec_fields(s)))
+
+
+def given_fields(blob: bytes) -> dict[str, Any]:
+    """The spec blob as the submission it came from (minus id and input): the fields given, acceptance
+    criteria as ``[{"id", "text"}]``; valid input for ``parse_specs`` and ``TaskSpec``."""
+    d: dict[str, Any] = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    if "acceptance_criteria" in d:
+        d["acceptance_criteria"] = [{"id": a, "text": b} for a, b in d["acceptance_criteria"]]
+    return d
+
+
+def unpack_spec(blob: bytes) -> dict[str, Any]:
+    """given_fields with the defaults of the others filled in (what ``Task`` is built from)."""
+    d = given_fields(blob)
+    return {name: d[name] if name in d else _fresh(default) for name, default in _SPEC_DEFAULTS}
+
+
+_SPEC_DEFAULTS: Final = tuple((k, v) for k, v in SPEC_DEFAULTS.items() if k not in ("id", "input"))
 
 
 def _fresh(default: Any) -> Any:
     return type(default)() if isinstance(default, (list, dict)) else default
-
-
-def unpack_spec(blob: bytes) -> dict[str, Any]:
-    """The spec blob as a dict with every field present (defaults filled in), acceptance criteria as
-    ``[{"id", "text"}]``: ready for ``TaskSpec.model_validate`` once ``id`` and ``input`` are added."""
-    d = msgpack.unpackb(blob, raw=False, strict_map_key=False)
-    out = {name: d[name] if name in d else _fresh(default) for name, default in _SPEC_DEFAULTS}
-    out["acceptance_criteria"] = [{"id": a, "text": b} for a, b in out["acceptance_criteria"]]
-    return out
