@@ -569,7 +569,7 @@ class Scheduler:
         static_memo, ready, push = self._static_memo, self._ready, heapq.heappush
         for tid in order:
             i, s = new[tid]
-            g = s.get
+            g: Callable[..., Any] = s.get  # the fields given; defaults spelled out below
             pol = g("on_prerequisite_failure")
             policy = policy_default if pol is None else pol.value
             prereqs = tuple(g("prerequisites", ()))
@@ -629,7 +629,7 @@ class Scheduler:
 
         for i, s in enumerate(specs):
             if results[i] is None:  # repeated idempotency key inside the batch
-                first = results[batch_keys[s["idempotency_key"]]]
+                first = results[batch_keys[s["idempotency_key"]]]  # type: ignore[index]  # set: see the first loop
                 assert first is not None
                 results[i] = EnqueueResult(first.task_id, False, first.status)
         return results  # type: ignore[return-value]
