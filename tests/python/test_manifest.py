@@ -214,13 +214,12 @@ def test_manifest_plan_never_pairs_conflicts(s, tmp_path):
 )
 def test_entries_breaking_a_task_rule_get_the_task_validation_error(bad, s, tmp_path):
     from baton.manifest import Manifest, _spec_dict
-    from baton.models import parse_specs
     from baton.scheduler_errors import TaskValidationError
 
     entries = [mtask("A"), mtask("Z", **{"depends_on_tasks": ["A"], **bad})]
     m = Manifest.model_validate({"tasks": entries})
-    with pytest.raises(TaskValidationError) as direct:
-        parse_specs([_spec_dict(t, raw, "implementation") for t, raw in zip(m.tasks, entries)])
+    with pytest.raises(TaskValidationError) as direct:  # the same tasks submitted directly (nothing stored)
+        s.enqueue_many([_spec_dict(t, raw, "implementation") for t, raw in zip(m.tasks, entries)])
     with pytest.raises(ManifestError) as ei:
         import_manifest(s, doc(*entries), base_dir=tmp_path)
     assert ei.value.details == direct.value.details and ei.value.details[0]["index"] == 1

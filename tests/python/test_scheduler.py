@@ -59,11 +59,14 @@ def test_unknown_prerequisite_rejected_with_details(s):
 def test_payload_that_cannot_be_kept_exactly_rejects_the_batch(s):
     # A tuple would come back as a list: refused, naming each such task by its index; nothing is stored.
     with pytest.raises(TaskValidationError) as ei:
-        s.enqueue_many([spec("a"), spec("b", input=(1, 2)), spec("c", input={"k": {1, 2}})])
-    assert [(d["index"], d["field"]) for d in ei.value.details] == [(1, "input"), (2, "input")]
+        s.enqueue_many([spec("a"), spec("b", input=(1, 2)), spec("c", input={"k": {1, 2}}),
+                        spec("d", metadata={"m": (1,)}), spec("e", metadata={"ok": [1]}, input=b"raw")])
+    assert [(d["index"], d["field"]) for d in ei.value.details] == [(1, "input"), (2, "input"), (3, "metadata")]
     assert "kept exactly" in str(ei.value) and str(ei.value).startswith("invalid task at index 1: ")
     assert s.tasks() == []
     assert s.enqueue(spec("a", input=[1, 2])).created
+    assert s.enqueue(spec("e", metadata={"ok": [1]}, input=b"raw")).created
+    assert s.get("e").metadata == {"ok": [1]} and s.get("e").input == b"raw"
 
 
 def test_completed_prerequisite_is_satisfied_at_enqueue(s):

@@ -279,8 +279,9 @@ class TaskSpec(BaseModel):
 class Submission(TypedDict, total=False):
     """A validated submission as the scheduler takes it in batches: a dict of only the fields given (the
     others are TaskSpec's defaults, ``SPEC_DEFAULTS``).  Same field rules as TaskSpec; validating into a
-    dict instead of a 20-field model is ~4x cheaper, and the dict is what the journal stores.  ``input`` is
-    not checked here: the scheduler encodes it anyway and reports a payload it cannot keep exactly."""
+    dict instead of a 20-field model is ~4x cheaper, and the dict is what the journal stores.  ``input`` and
+    ``metadata`` are not checked for exactness here: the scheduler packs both anyway (once) and reports a
+    value it cannot keep exactly."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
@@ -302,7 +303,7 @@ class Submission(TypedDict, total=False):
     file_scope: list[str]
     conflicts_with: list[str]
     on_prerequisite_failure: DependentPolicy | None
-    metadata: _Metadata
+    metadata: dict[str, Any]
 
 
 assert list(Submission.__annotations__) == list(TaskSpec.model_fields), "Submission and TaskSpec must match"

@@ -385,61 +385,73 @@ def _ancestors(p: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
+class _Scope(NamedTuple):
+    """One task's file scope, normalised and split once (not once per group it is tested against)."""
+
+    paths: frozenset[str]  # exact paths and directories
+    globs: tuple[str, ...]
+    everything: bool  # "" or ".": the whole tree
+    path_ancestors: frozenset[str]  # every ancestor directory of ``paths``
+    glob_ancestors: frozenset[str]  # every ancestor directory of ``globs``
+
+    @classmethod
+    def of(cls, entries: Sequence[str]) -> _Scope:
+        norm = [_norm(x) for x in entries]
+        paths = frozenset(p for p in norm if p and not _is_glob(p))
+        globs = tuple(p for p in norm if p and _is_glob(p))
+        return cls(paths, globs, "" in norm, frozenset(a for p in paths for a in _ancestors(p)),
+                   frozenset(a for p in globs for a in _ancestors(p)))
+
+    def __bool__(self) -> bool:
+        return bool(self.paths or self.globs or self.everything)
+
+
 class _Group:
     """One conflict-free sub-batch, indexed so that testing a candidate costs O(its own scope), not O(group)."""
 
-    __slots__ = ("members", "paths", "prefixes", "globs", "conflicts", "solo", "everything")
+    __slots__ = ("members", "member_set", "paths", "prefixes", "globs", "conflicts", "solo", "everything")
 
     def __init__(self) -> None:
         self.members: list[str] = []
+        self.member_set: set[str] = set()
         self.paths: set[str] = set()  # exact (normalised) paths and directories
-        self.prefixes: set[str] = set()  # every ancestor directory of those
+        self.prefixes: set[str] = set()  # every ancestor directory of those and of the globs
         self.globs: list[str] = []
         self.conflicts: set[str] = set()  # ids that members declared conflicts with
         self.solo = False
         self.everything = False  # a member's scope is the whole tree ("" or ".")
 
-    def clashes(self, t: str, scope: list[str], mine: set[str]) -> bool:
-        if self.solo or t in self.conflicts or (mine and not mine.isdisjoint(self.members)):
+    def clashes(self, t: str, sc: _Scope, mine: set[str]) -> bool:
+        if self.solo or t in self.conflicts or (mine and not mine.isdisjoint(self.member_set)):
             return True
-        if not scope:
+        if not sc:
             return False
-        if self.everything:
+        if self.everything or (sc.everything and (self.paths or self.globs)):
             return True
-        for p in scope:
-            if p == "":
-                if self.paths or self.globs:
-                    return True
-                continue
-            if _is_glob(p):
-                if (
-                    self.globs
-                    or any(fnmatch.fnmatchcase(q, p) for q in self.paths)
-                    or any(a in self.paths for a in _ancestors(p))
-                ):
-                    # Two globs are treated as overlapping: deciding pattern intersection is not worth it.
-                    return True
-                continue
-            if p in self.paths or p in self.prefixes:
-                return True
-            if any(a in self.paths for a in _ancestors(p)):
-                return True
-            if any(fnmatch.fnmatchcase(p, g) for g in self.globs):
-                return True
-        return False
+        paths = self.paths
+        if sc.globs and (
+            # Two globs are treated as overlapping: deciding pattern intersection is not worth it.
+            self.globs
+            or any(fnmatch.fnmatchcase(q, p) for p in sc.globs for q in paths)
+            or not paths.isdisjoint(sc.glob_ancestors)
+        ):
+            return True
+        return (
+            not paths.isdisjoint(sc.paths)
+            or not self.prefixes.isdisjoint(sc.paths)
+            or not paths.isdisjoint(sc.path_ancestors)
+            or bool(self.globs and any(fnmatch.fnmatchcase(p, g) for p in sc.paths for g in self.globs))
+        )
 
-    def add(self, t: str, scope: list[str], mine: set[str]) -> None:
+    def add(self, t: str, sc: _Scope, mine: set[str]) -> None:
         self.members.append(t)
+        self.member_set.add(t)
         self.conflicts |= mine
-        for p in scope:
-            if p == "":
-                self.everything = True
-            elif _is_glob(p):
-                self.globs.append(p)
-                self.prefixes.update(_ancestors(p))
-            else:
-                self.paths.add(p)
-                self.prefixes.update(_ancestors(p))
+        self.everything = self.everything or sc.everything
+        self.globs.extend(sc.globs)
+        self.paths |= sc.paths
+        self.prefixes |= sc.path_ancestors
+        self.prefixes |= sc.glob_ancestors
 
 
 def split_conflicts(
@@ -461,7 +473,7 @@ def split_conflicts(
         items = sorted(batch, key=order_key) if order_key else list(batch)
         groups: list[_Group] = []
         for t in items:
-            scope = [_norm(x) for x in file_scope.get(t, ())]
+            scope = _Scope.of(file_scope.get(t, ()))
             mine = set(conflicts_with.get(t, ()))
             if t in solo:
                 g = _Group()

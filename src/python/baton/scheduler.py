@@ -535,7 +535,7 @@ class Scheduler:
             has_prereqs = has_prereqs or "prerequisites" in s
         if details:
             raise DuplicateTask(f"task id {details[0]['task_id']!r} is not unique", details=details)
-        inputs = _encode_inputs(specs, new.values())
+        spec_blobs, inputs = _encode_blobs(specs, new.values())
 
         if has_prereqs:
             missing = [
@@ -590,7 +590,7 @@ class Scheduler:
                 seq, tid, status, s["agent_type"], source, base_priority, _RISK_VALUE[g("risk")], policy,
                 deadline, g("estimated_duration_s") or 0.0, d, unmet, 0, g("max_attempts", 3),
                 g("timeout_s"), g("idempotency_key"), now, now, ready_at, None, finished, 0.0, None, None, 0,
-                blocked, pack_spec(s), inputs[i], None, error, (), (),
+                blocked, spec_blobs[i], inputs[i], None, error, (), (),
                 requeued_from.get(tid) if requeued_from else None, None, manifest_id, prereqs,
             )
             r = TaskRecord(*img, static)
@@ -1325,20 +1325,27 @@ def dispatch_key(r: TaskRecord) -> tuple[float, float, int]:
     return (-r.rank, prio.NO_DEADLINE if r.deadline is None else r.deadline, r.seq)
 
 
-def _encode_inputs(specs: Sequence[Submission], new: Iterable[tuple[int, Submission]]) -> list[bytes | None]:
-    """Each new task's input as the tagged blob it is stored as (by batch index); a value that cannot be kept
-    exactly rejects the batch, naming every such task."""
-    out: list[bytes | None] = [None] * len(specs)
+def _encode_blobs(
+    specs: Sequence[Submission], new: Iterable[tuple[int, Submission]]
+) -> tuple[list[bytes], list[bytes | None]]:
+    """Each new task's spec and input blobs (by batch index), made before anything changes: a value that
+    cannot be kept exactly rejects the batch, naming every such task and field."""
+    spec_blobs: list[bytes] = [b""] * len(specs)
+    inputs: list[bytes | None] = [None] * len(specs)
     details = []
     for i, s in new:
         try:
-            out[i] = encode_payload(s.get("input"))
+            spec_blobs[i] = pack_spec(s)
+        except ValueError as exc:
+            details.append({"index": i, "field": "metadata", "code": "value_error", "message": str(exc)})
+        try:
+            inputs[i] = encode_payload(s.get("input"))
         except ValueError as exc:
             details.append({"index": i, "field": "input", "code": "value_error", "message": str(exc)})
     if details:
         raise TaskValidationError(summarize_details(f"invalid task at index {details[0]['index']}: ", details),
                                   details=details)
-    return out
+    return spec_blobs, inputs
 
 
 def _topo_order(new: Mapping[str, tuple[int, Submission]]) -> list[str]:

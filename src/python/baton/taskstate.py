@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgpack
 
-from baton.models import SPEC_DEFAULTS, Submission
+from baton.models import SPEC_DEFAULTS, Submission, encode_payload
 
 __all__ = [
     "TaskRecord", "IMAGE_FIELDS", "pack_image", "pack_tuple", "unpack_image", "unpack_values", "pack_spec",
@@ -93,6 +93,7 @@ class TaskRecord:
 assert tuple(f.name for f in fields(TaskRecord))[: len(IMAGE_FIELDS)] == IMAGE_FIELDS
 
 _PACK = msgpack.Packer(use_bin_type=True).pack
+_STRICT_PACK = msgpack.Packer(use_bin_type=True, strict_types=True).pack  # see models.encode_payload
 # One C-level call instead of a getattr loop: an image is packed for every journaled change.
 _image_of: Final = attrgetter(*IMAGE_FIELDS)
 
@@ -131,7 +132,7 @@ def _enum_value(v: Any) -> Any:
 # Fields whose validated value is not already a plain msgpack type; every other field is stored as is.
 _TO_PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
     "deadline": lambda v: None if v is None else v.isoformat(),
-    "acceptance_criteria": lambda v: [(a.id, a.text) for a in v],
+    "acceptance_criteria": lambda v: [[a.id, a.text] for a in v],
     "risk": _enum_value,
     "on_prerequisite_failure": _enum_value,
 }
@@ -155,7 +156,16 @@ def spec_fields(s: Submission) -> dict[str, Any]:
 
 
 def pack_spec(s: Submission) -> bytes:
-    return bytes(_PACK(spec_fields(s)))
+    """The spec blob.  Raises ValueError if ``metadata`` holds a value that would not come back exactly (a
+    tuple would come back as a list): strict packing checks that in the same pass that packs it."""
+    fields = spec_fields(s)
+    try:
+        return bytes(_STRICT_PACK(fields))
+    except (TypeError, ValueError, OverflowError):
+        pass
+    if "metadata" in fields:
+        encode_payload(fields["metadata"])  # raises the ValueError that names the problem
+    return bytes(_PACK(fields))  # pragma: no cover - validated fields are exact types
 
 
 def given_fields(blob: bytes) -> dict[str, Any]:
