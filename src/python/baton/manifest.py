@@ -38,7 +38,7 @@ from pydantic import (
 from baton.models import RISK_RANK, TERMINAL, ExecutionPlan, Risk, Status, normalize_risk, summarize_details, unpack
 from baton.planner import build_plan, gc_paused, split_conflicts, topological_batches
 from baton.scheduler import Scheduler, dispatch_key
-from baton.scheduler_errors import ManifestError, TaskValidationError
+from baton.scheduler_errors import DependencyCycle, ManifestError, TaskValidationError
 from baton.taskstate import unpack_spec
 
 __all__ = [
@@ -346,11 +346,16 @@ def _validate(
         if missing:
             blocked("MISSING-CONTEXT", t.task_id, f"{t.task_id} references missing files: {', '.join(missing)}")
     deps = {t.task_id: t.depends_on_tasks for t in m.tasks}
-    for comp in _cycles(list(deps), deps):
-        for tid in sorted(comp):
-            blocked("DEPENDENCY-CYCLE", tid, f"{tid} is on a dependency cycle: {' -> '.join(sorted(comp))}")
+    # Kahn's levels place every task unless there is a cycle; only then is Tarjan's search worth running.
+    try:
+        levels, _ = topological_batches(list(deps), deps)
+    except DependencyCycle:
+        levels = []
+        for comp in _cycles(list(deps), deps):
+            for tid in sorted(comp):
+                blocked("DEPENDENCY-CYCLE", tid, f"{tid} is on a dependency cycle: {' -> '.join(sorted(comp))}")
     if wip_limit is not None and not any(i.kind in ("DEPENDENCY-CYCLE", "DUPLICATE-ID") for i in issues):
-        widest, per_type = _widest_wave(m)
+        widest, per_type = _widest_wave(m, levels)
         if widest > wip_limit:
             issues.append(ManifestIssue(
                 code="WARN::WIP-OVERLOAD", severity="WARN", kind="WIP-OVERLOAD", task_id=None,
@@ -360,11 +365,11 @@ def _validate(
     return ValidationReport(manifest_id=mid, hash=digest, task_count=len(m.tasks), issues=issues)
 
 
-def _widest_wave(m: Manifest) -> tuple[int, str]:
+def _widest_wave(m: Manifest, levels: list[list[str]]) -> tuple[int, str]:
+    """The most tasks of one agent type that could run side by side: topological levels split so no two
+    conflicting tasks share a batch."""
     ids = [t.task_id for t in m.tasks]
-    deps = {t.task_id: t.depends_on_tasks for t in m.tasks}
     by_id = {t.task_id: t for t in m.tasks}
-    levels, _ = topological_batches(ids, deps)
     split = split_conflicts(
         levels, {t: by_id[t].file_scope for t in ids}, {t: by_id[t].conflicts_with for t in ids},
         solo={t for t in ids if not by_id[t].parallel},

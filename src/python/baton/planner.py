@@ -396,11 +396,22 @@ class _Scope(NamedTuple):
 
     @classmethod
     def of(cls, entries: Sequence[str]) -> _Scope:
-        norm = [_norm(x) for x in entries]
-        paths = frozenset(p for p in norm if p and not _is_glob(p))
-        globs = tuple(p for p in norm if p and _is_glob(p))
-        return cls(paths, globs, "" in norm, frozenset(a for p in paths for a in _ancestors(p)),
-                   frozenset(a for p in globs for a in _ancestors(p)))
+        paths: set[str] = set()
+        globs: list[str] = []
+        path_anc: set[str] = set()
+        glob_anc: set[str] = set()
+        everything = False
+        for x in entries:
+            p = _norm(x)
+            if not p:
+                everything = True
+            elif _is_glob(p):
+                globs.append(p)
+                glob_anc.update(_ancestors(p))
+            else:
+                paths.add(p)
+                path_anc.update(_ancestors(p))
+        return cls(frozenset(paths), tuple(globs), everything, frozenset(path_anc), frozenset(glob_anc))
 
     def __bool__(self) -> bool:
         return bool(self.paths or self.globs or self.everything)
