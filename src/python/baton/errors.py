@@ -108,6 +108,17 @@ class NativeOSError(BatonError, OSError):
     code = "OS_ERROR"
 
 
+# --- daemon configuration ----------------------------------------------------------------------------------
+
+
+class ConfigError(BatonError, ValueError):
+    """The daemon's configuration (file, BATON_* environment variables or flags) is invalid.  The message names
+    the source and the setting of every problem and what is expected, so a person can fix it from the message
+    alone; the daemon refuses to start rather than guess."""
+
+    code = "CONFIG_ERROR"
+
+
 # errno -> (class, message).  The frame codes are documented in include/baton.h; the ring codes too.
 _BY_ERRNO: dict[int, tuple[type[BatonError], str]] = {
     _errno.EBADMSG: (BadMagic, "bad magic: the peer does not speak baton's frame protocol"),
