@@ -39,7 +39,6 @@ from pathlib import Path
 from functools import partial
 from typing import Any, Final
 
-import msgpack
 from baton import priority as prio
 from baton.models import (
     TERMINAL,
@@ -81,6 +80,7 @@ from baton.taskstate import (
     pack_image,
     pack_spec,
     pack_tuple,
+    pack_values,
     unpack_image,
     unpack_spec,
     unpack_values,
@@ -106,7 +106,6 @@ _STATUS: Final = {s.value: s for s in Status}  # value -> member without Status(
 # A Submission holds only the fields given; these are the stored values of the defaults read per task.
 _HUMAN: Final = SPEC_DEFAULTS["source"]
 _RISK_VALUE: Final[dict[Risk | None, str]] = {None: SPEC_DEFAULTS["risk"].value, **{r: r.value for r in Risk}}
-_PACK = msgpack.Packer(use_bin_type=True).pack
 # NamedTuple constructors run a Python-level __new__; tuple.__new__ builds the same object in C (one per task).
 _new_result: Final[Callable[[tuple[str, bool, Status]], EnqueueResult]] = partial(tuple.__new__, EnqueueResult)
 _new_claim: Final[Callable[[tuple[Any, ...]], Claim]] = partial(tuple.__new__, Claim)
@@ -294,7 +293,7 @@ class Scheduler:
         images = [r.img or _cache_image(r) for r in self._puts.values()]
         self._image_bytes += sum(map(len, images))
         self._images += len(images)
-        entry = b"\x92" + _PACK(self._ops) + _array_header(len(images)) + b"".join(images)  # [ops, images]
+        entry = b"\x92" + pack_values(self._ops) + _array_header(len(images)) + b"".join(images)  # [ops, images]
         self._applied = self.store.append(c, entry)
         self._account(len(entry), self._puts.values())
         self._account(0, self._delta_recs)
