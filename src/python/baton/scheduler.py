@@ -759,7 +759,18 @@ class Scheduler:
             self._promote_delayed(now)
             heap = self._ready.get(agent_type)
             picked: list[TaskRecord] = []
-            pop, by_id = heapq.heappop, self._by_id
+            by_id = self._by_id
+            if heap and allowed >= len(heap):
+                # Taking the whole queue (a batch claim draining it): one sort costs fewer comparisons than a
+                # pop each (a heap built from tasks queued in order is sorted already), and the emptied list
+                # is still a heap.
+                heap.sort()
+                for _, _, _, qv, tid in heap:
+                    rec = by_id[tid]
+                    if rec.qver == qv and rec.status == _READY:
+                        picked.append(rec)
+                heap.clear()
+            pop = heapq.heappop
             while heap and len(picked) < allowed:
                 _, _, _, qv, tid = pop(heap)
                 rec = by_id[tid]
