@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Final
 
 from baton import priority as prio
@@ -101,10 +101,11 @@ _BLOCKED: Final = Status.BLOCKED.value
 _COMPLETED: Final = Status.COMPLETED.value
 _CANCELLED: Final = Status.CANCELLED.value
 _DEAD_LETTERED: Final = Status.DEAD_LETTERED.value
-_NO_DEADLINE: Final = prio.NO_DEADLINE
 _STATUS: Final = {s.value: s for s in Status}  # value -> member without Status(value)'s lookup machinery
 # A Submission holds only the fields given; these are the stored values of the defaults read per task.
 _HUMAN: Final = SPEC_DEFAULTS["source"]
+_DEFAULT_PRIORITY: Final = SPEC_DEFAULTS["base_priority"]
+_DEFAULT_ATTEMPTS: Final = SPEC_DEFAULTS["max_attempts"]
 _RISK_VALUE: Final[dict[Risk | None, str]] = {None: SPEC_DEFAULTS["risk"].value, **{r: r.value for r in Risk}}
 # NamedTuple constructors run a Python-level __new__; tuple.__new__ builds the same object in C (one per task).
 _new_result: Final[Callable[[tuple[str, bool, Status]], EnqueueResult]] = partial(tuple.__new__, EnqueueResult)
@@ -195,8 +196,8 @@ class Scheduler:
         # Queue entries name their task by id, not by record: a tuple of plain values is dropped from the
         # cyclic GC's tracking at its first collection, a tuple holding a record is rescanned in every full
         # collection for as long as it is queued (a backlog, or leases kept until they expire).
-        self._ready: dict[str, list[tuple[float, float, int, int, str]]] = {}  # per agent_type, dispatch_key order
-        self._delayed: list[tuple[float, int, int, str]] = []  # ready but in retry backoff: (not_before, seq, qver, id)
+        self._ready: dict[str, list[tuple[float, float, int, int, str]]] = {}  # per agent_type (dispatch_key)
+        self._delayed: list[tuple[float, int, int, str]] = []  # in retry backoff: (not_before, seq, qver, id)
         self._leases: list[tuple[float, int, int, str]] = []  # (expires, seq, token, id)
         self._ready_deadline: dict[str, TaskRecord] = {}  # ready tasks whose rank changes with time
         self._counts: Counter[str] = Counter()  # tasks per status
@@ -565,7 +566,7 @@ class Scheduler:
         seq = self._next_seq
         children = self._children
         counts, aging_rate = self._counts, self._aging_rate
-        static_memo, ready, push = self._static_memo, self._ready, heapq.heappush
+        static_memo = self._static_memo
         for tid in order:
             i, s = new[tid]
             g: Callable[..., Any] = s.get  # the fields given; defaults spelled out below
@@ -579,7 +580,7 @@ class Scheduler:
                 status, unmet, ready_at, finished, error, blocked = _READY, 0, now, None, None, None
             # The image first (IMAGE_FIELDS order): it builds the record positionally (faster than
             # keywords) and is packed for the journal as is.
-            source, base_priority, deadline = g("source", _HUMAN), g("base_priority", 5), g("deadline")
+            source, base_priority, deadline = g("source", _HUMAN), g("base_priority", _DEFAULT_PRIORITY), g("deadline")
             if deadline is not None:
                 deadline = deadline.timestamp()
             static = static_memo.get((base_priority, d, source))
@@ -587,7 +588,7 @@ class Scheduler:
                 static = self._static(base_priority, d, source)
             img = (
                 seq, tid, status, s["agent_type"], source, base_priority, _RISK_VALUE[g("risk")], policy,
-                deadline, g("estimated_duration_s") or 0.0, d, unmet, 0, g("max_attempts", 3),
+                deadline, g("estimated_duration_s") or 0.0, d, unmet, 0, g("max_attempts", _DEFAULT_ATTEMPTS),
                 g("timeout_s"), g("idempotency_key"), now, now, ready_at, None, finished, 0.0, None, None, 0,
                 blocked, spec_blobs[i], inputs[i], None, error, (), (),
                 requeued_from.get(tid) if requeued_from else None, None, manifest_id, prereqs,
@@ -602,14 +603,11 @@ class Scheduler:
                 self._requeues[r.requeued_from] += 1
             for p in prereqs:
                 children.setdefault(p, []).append(tid)
-            if status == _READY and deadline is None:  # _index's common case, spelled out (callgrind)
+            if status == _READY and deadline is None:  # _index's common case, without its calls (callgrind)
                 counts[_READY] += 1
                 r.qver = 1
-                r.rank = rank = static - aging_rate * now
-                heap = ready.get(r.agent_type)
-                if heap is None:
-                    heap = ready[r.agent_type] = []
-                push(heap, (-rank, _NO_DEADLINE, r.seq, 1, tid))  # as _push_ready
+                r.rank = static - aging_rate * now
+                self._push_ready(r)
             else:
                 self._index(r, None, now)
             self._puts[tid] = r

@@ -23,8 +23,8 @@ import ormsgpack
 from baton.models import SPEC_DEFAULTS, Submission, encode_payload
 
 __all__ = [
-    "TaskRecord", "IMAGE_FIELDS", "pack_image", "pack_tuple", "pack_values", "unpack_image", "unpack_values", "pack_spec",
-    "unpack_spec", "spec_fields", "given_fields",
+    "TaskRecord", "IMAGE_FIELDS", "pack_image", "pack_tuple", "pack_values", "unpack_image", "unpack_values",
+    "pack_spec", "unpack_spec", "spec_fields", "given_fields",
 ]
 
 # Durable fields, in image order.  Never reorder: add new fields at the end (older images are shorter and
@@ -108,7 +108,6 @@ def pack_image(rec: TaskRecord) -> bytes:
     return pack_values(_image_of(rec))
 
 
-
 pack_tuple: Final = pack_values  # an image built as a tuple in IMAGE_FIELDS order
 
 
@@ -166,12 +165,15 @@ def pack_spec(s: Submission) -> bytes:
     tuple would come back as a list): strict packing checks that in the same pass that packs it."""
     fields = spec_fields(s)
     try:
-        return bytes(_STRICT_PACK(fields))
+        packed: bytes = _STRICT_PACK(fields)
+        return packed
     except (TypeError, ValueError, OverflowError):
         pass
     if "metadata" in fields:
         encode_payload(fields["metadata"])  # raises the ValueError that names the problem
-    return bytes(_PACK(fields))  # pragma: no cover - validated fields are exact types
+    # Not reached with validated fields (pydantic returns exact types), kept so nothing valid is refused.
+    loose: bytes = _PACK(fields)
+    return loose
 
 
 def given_fields(blob: bytes) -> dict[str, Any]:
@@ -189,7 +191,7 @@ def unpack_spec(blob: bytes) -> dict[str, Any]:
     return {name: d[name] if name in d else _fresh(default) for name, default in _SPEC_DEFAULTS}
 
 
-_SPEC_DEFAULTS: Final = tuple((k, v) for k, v in SPEC_DEFAULTS.items() if k not in ("id", "input"))
+_SPEC_DEFAULTS: Final = tuple((k, v) for k, v in SPEC_DEFAULTS.items() if k not in _NOT_STORED)
 
 
 def _fresh(default: Any) -> Any:
