@@ -153,8 +153,13 @@ def _throughput_chain(tmp: Path, n: int, batch: int) -> float:
     return dt / n
 
 
+def _per_task_row(name: str, n: int, per_task_s: list[float]) -> dict[str, Any]:
+    m = statistics.median(per_task_s)
+    return {"name": name, "n": n, "median_us_per_task": m * 1e6, "tasks_per_s": 1 / m,
+            "runs_us": [x * 1e6 for x in per_task_s]}
+
+
 def bench_throughput(tmp: Path, n: int, repeat: int, quick: bool) -> list[dict[str, Any]]:
-    rows = []
     warm = n // 4
     # synchronous=NORMAL (WAL): a commit survives SIGKILL, which is what the issue asks; FULL (the store's
     # default) also survives power loss.  Variants run interleaved so machine noise hits them alike.
@@ -168,19 +173,12 @@ def bench_throughput(tmp: Path, n: int, repeat: int, quick: bool) -> list[dict[s
     for _ in range(repeat):
         for name, (batch, mode, w) in variants.items():
             per[name].append(_throughput(tmp, n, batch, f"b{batch}{mode}{w}", mode, warmup=w))
-    for name, v in per.items():
-        m = statistics.median(v)
-        rows.append({"name": name, "n": n, "median_us_per_task": m * 1e6, "tasks_per_s": 1 / m,
-                     "runs_us": [x * 1e6 for x in v]})
-    per_chain = [_throughput_chain(tmp, n, 1000) for _ in range(repeat)]
-    m = statistics.median(per_chain)
-    rows.append({"name": "same, each batch depends on the previous one (release path), FULL, fresh store", "n": n,
-                 "median_us_per_task": m * 1e6, "tasks_per_s": 1 / m, "runs_us": [x * 1e6 for x in per_chain]})
+    rows = [_per_task_row(name, n, v) for name, v in per.items()]
+    rows.append(_per_task_row("same, each batch depends on the previous one (release path), FULL, fresh store", n,
+                              [_throughput_chain(tmp, n, 1000) for _ in range(repeat)]))
     n1 = 300 if quick else 1000
-    single = [_throughput(tmp, n1, 1, "single", "FULL") for _ in range(max(1, repeat // 2))]
-    m = statistics.median(single)
-    rows.append({"name": "alternative: one transaction per operation (batch 1), synchronous=FULL", "n": n1,
-                 "median_us_per_task": m * 1e6, "tasks_per_s": 1 / m, "runs_us": [x * 1e6 for x in single]})
+    rows.append(_per_task_row("alternative: one transaction per operation (batch 1), synchronous=FULL", n1,
+                              [_throughput(tmp, n1, 1, "single", "FULL") for _ in range(max(1, repeat // 2))]))
     return rows
 
 

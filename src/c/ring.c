@@ -484,6 +484,18 @@ static int ring_gone(bt_ring *r, uint64_t now)
     return 0;
 }
 
+/* RING_SPIN_CLOCK_EVERY polls of the next record's size word: its ring_ready result, 0 if nothing came. */
+static inline int ring_poll_burst(bt_ring *r)
+{
+    for (int i = 0; i < RING_SPIN_CLOCK_EVERY; i++) {
+        ring_cpu_relax();
+        int rc = ring_ready(r);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
 int bt_ring_wait(bt_ring *r, uint64_t timeout_ns)
 {
     if (!r || r->role != BT_RING_CONSUMER)
@@ -497,14 +509,8 @@ int bt_ring_wait(bt_ring *r, uint64_t timeout_ns)
      * within the first ones: a clock read costs as much as a cross-core hop, and the closed flag shares the
      * producer's line with tail, so polling it would take that line away from every publish. */
     int spin = r->spin_ns > 0 && timeout_ns > 0;
-    if (spin) {
-        for (int i = 0; i < RING_SPIN_CLOCK_EVERY; i++) {
-            ring_cpu_relax();
-            rc = ring_ready(r);
-            if (rc != 0)
-                return rc;
-        }
-    }
+    if (spin && (rc = ring_poll_burst(r)) != 0)
+        return rc;
     uint64_t start = bt_now_ns(), now = start;
     uint64_t deadline = timeout_ns > UINT64_MAX - start ? UINT64_MAX : start + timeout_ns;
     uint64_t spin_end = r->spin_ns > UINT64_MAX - start ? UINT64_MAX : start + r->spin_ns;
@@ -512,12 +518,8 @@ int bt_ring_wait(bt_ring *r, uint64_t timeout_ns)
         spin_end = deadline;
     /* Closed or dead ends the spin early, however long the budget; the park loop below then reports it. */
     while (spin && now < spin_end && !ring_gone(r, now)) {
-        for (int i = 0; i < RING_SPIN_CLOCK_EVERY; i++) {
-            ring_cpu_relax();
-            rc = ring_ready(r);
-            if (rc != 0)
-                return rc;
-        }
+        if ((rc = ring_poll_burst(r)) != 0)
+            return rc;
         now = bt_now_ns();
     }
     bt_ring_shm *shm = r->shm;

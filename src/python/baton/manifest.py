@@ -35,7 +35,17 @@ from pydantic import (
     field_validator,
 )
 
-from baton.models import RISK_RANK, TERMINAL, ExecutionPlan, Risk, Status, normalize_risk, summarize_details, unpack
+from baton.models import (
+    RISK_RANK,
+    SPEC_DEFAULTS,
+    TERMINAL,
+    ExecutionPlan,
+    Risk,
+    Status,
+    normalize_risk,
+    summarize_details,
+    unpack,
+)
 from baton.planner import build_plan, gc_paused, split_conflicts, topological_batches
 from baton.scheduler import Scheduler, dispatch_key
 from baton.scheduler_errors import DependencyCycle, ManifestError, TaskValidationError
@@ -481,7 +491,7 @@ def _spec_dict(t: ManifestTask, raw: Any, agent_type: str) -> dict[str, Any]:
         "description": t.description,
         "agent_type": t.agent_type or agent_type,
         "source": "manifest",
-        "base_priority": 5 if t.base_priority is None else t.base_priority,
+        "base_priority": SPEC_DEFAULTS["base_priority"] if t.base_priority is None else t.base_priority,
         "prerequisites": t.depends_on_tasks,
         "estimated_duration_s": None if est is None else float(est),  # as TaskSpec's float field would
         "risk": t.risk,

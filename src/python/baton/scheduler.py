@@ -11,7 +11,8 @@ completions) and full record images for everything else.  A crash therefore leav
 of it.  The journal is the store's main record: a task that is enqueued, claimed and completed costs one
 image and two small deltas, written once.  Only when the journal holds mostly superseded data (records
 changed again and again: heartbeats, retries) is it compacted: the images of every record become the new
-snapshot and the journal is emptied, so compaction work is paid for by churn, not by throughput.  Opening a store loads the snapshot and replays the journal.
+snapshot and the journal is emptied, so compaction work is paid for by churn, not by throughput.  Opening a
+store loads the snapshot and replays the journal.
 
 Several processes (or threads, one Scheduler each) may share a store: every write transaction takes SQLite's
 write lock first and then applies the journal entries other writers committed since (``PRAGMA data_version``
@@ -1298,7 +1299,9 @@ class Scheduler:
 
     # --- planning ----------------------------------------------------------------------------------------
 
-    def plan(self, task_ids: Iterable[str], *, wip_limit: int | None = None, default_estimate_s: float = 1.0) -> ExecutionPlan:
+    def plan(
+        self, task_ids: Iterable[str], *, wip_limit: int | None = None, default_estimate_s: float = 1.0
+    ) -> ExecutionPlan:
         """An execution plan for ``task_ids`` (see planner.build_plan).  Terminal tasks are not planned."""
         self._sync()
         ids = list(dict.fromkeys(task_ids))

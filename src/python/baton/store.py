@@ -24,10 +24,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
-import msgpack
-
 from baton.scheduler_errors import SchemaError
-from baton.taskstate import IMAGE_FIELDS, unpack_values
+from baton.taskstate import IMAGE_FIELDS, pack_values, unpack_values
 
 __all__ = ["TaskStore", "TaskRepository", "SCHEMA_VERSION", "MIGRATIONS"]
 
@@ -347,7 +345,7 @@ def _to_snapshot_and_journal(c: sqlite3.Connection) -> None:
         img.append(tuple(sorted(prereqs.get(r[1], []))))
         images.append(img)
     if images:
-        c.execute("INSERT INTO snapshot (images) VALUES (?)", (msgpack.packb(images),))
+        c.execute("INSERT INTO snapshot (images) VALUES (?)", (pack_values(images),))
     c.execute("DROP TABLE tasks")
     c.execute("DROP TABLE deps")
 
