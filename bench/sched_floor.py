@@ -1,20 +1,30 @@
 #!/usr/bin/env python3
-"""Two reference measurements behind the scheduler's storage design (bench/RESULTS.md, issue 3).
+"""Reference measurements behind the scheduler's storage design and hot path (bench/RESULTS.md, issue 3).
 
-    python bench/sched_floor.py sql            # the SQL floor of the first design (v3 tables)
-    python bench/sched_floor.py workload N     # N tasks through enqueue+claim+complete (for callgrind)
+    python bench/sched_floor.py sql                   # the SQL floor of the first design (v3 tables)
+    python bench/sched_floor.py callgrind [N]         # instructions per task, per step, under callgrind
+    python bench/sched_floor.py pack                  # packing one record image: msgpack vs ormsgpack
+    python bench/sched_floor.py workload N [STAGE] [--no-gc]   # the workload callgrind runs
 
 ``sql``: only the three statements the SQL-per-transition store ran per task (executemany insert, the claim
 ``UPDATE ... RETURNING``, the completion update; one commit per 1000), no scheduler code: what that design
-could never go below.  ``workload``: run it under ``valgrind --tool=callgrind`` with N and with 0 and divide
-the difference of the instruction counts by N (the python binary itself, not a shim, must be the target).
+could never go below.  ``callgrind``: runs ``workload`` under ``valgrind --tool=callgrind`` for every stage
+(nothing, validation only, enqueue, + claim, + complete) with N tasks (default 5000) and once more without
+the cyclic GC, and prints the differences divided by N: the instructions each step costs per task (counts
+are immune to a noisy host).  Stages are cumulative except that ``enqueue`` does not run the separate
+validation (enqueue_many validates itself), so "enqueue" below is enqueue minus its validation.
 """
 
 from __future__ import annotations
 
+import gc
+import os
+import subprocess
 import sys
 import tempfile
 import time
+import timeit
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +32,7 @@ sys.path.insert(0, str(ROOT / "src" / "python"))
 
 import msgpack  # noqa: E402
 
+from baton.models import parse_specs  # noqa: E402
 from baton.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from baton.store import TaskStore  # noqa: E402
 
@@ -63,21 +74,88 @@ def sql_floor(path: str) -> tuple[float, float, float]:
     return ti / N * 1e6, tc / N * 1e6, tk / N * 1e6
 
 
-def workload(n: int) -> None:
+STAGES = ("none", "validate", "enqueue", "claim", "complete")
+
+
+def workload(n: int, stage: str = "complete") -> None:
+    upto = STAGES.index(stage)
     with tempfile.TemporaryDirectory() as d:
         sch = Scheduler(TaskStore(Path(d) / "w.db", synchronous="NORMAL"),
                         config=SchedulerConfig(wip_per_agent_type=None))
         specs = [{"summary": "bench task", "agent_type": "x", "input": {"i": i}} for i in range(n)]
         for off in range(0, n, B):
-            sch.enqueue_many(specs[off: off + B])
-            claims = sch.claim_many("x", "w", B)
-            sch.complete_many([(c.task_id, c.fencing_token, {"ok": True}) for c in claims])
+            part = specs[off: off + B]
+            if upto == 1:
+                parse_specs(part)
+            if upto >= 2:
+                sch.enqueue_many(part)
+            if upto >= 3:
+                claims = sch.claim_many("x", "w", B)
+            if upto >= 4:
+                sch.complete_many([(c.task_id, c.fencing_token, {"ok": True}) for c in claims])
         sch.close()
 
 
+def _instructions(n: int, stage: str, gc_on: bool = True) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "cg.out"
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
+               "workload", str(n), stage] + ([] if gc_on else ["--no-gc"])
+        subprocess.run(cmd, check=True, capture_output=True)
+        for line in out.read_text().splitlines():
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+    raise RuntimeError("callgrind wrote no summary")
+
+
+def callgrind(n: int) -> None:
+    runs = [(stage, True) for stage in STAGES] + [("none", False), ("complete", False)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        counts = dict(zip(runs, pool.map(lambda r: _instructions(n, *r), runs)))
+    base = counts[("none", True)]
+    steps = {
+        "validation (parse_specs)": counts[("validate", True)] - base,
+        "enqueue (without its validation)": counts[("enqueue", True)] - counts[("validate", True)],
+        "claim": counts[("claim", True)] - counts[("enqueue", True)],
+        "complete": counts[("complete", True)] - counts[("claim", True)],
+    }
+    total = counts[("complete", True)] - base
+    no_gc = counts[("complete", False)] - counts[("none", False)]
+    print(f"instructions per task, {n} tasks, batches of {B} (python {sys.version.split()[0]}):")
+    for name, v in steps.items():
+        print(f"  {name:34} {v / n:10,.0f}")
+    print(f"  {'total':34} {total / n:10,.0f}")
+    print(f"  {'total with the cyclic GC disabled':34} {no_gc / n:10,.0f}   (GC: {(total - no_gc) / n:,.0f})")
+
+
+def pack() -> None:
+    """One 36-field record image, packed as the scheduler journals it: msgpack's Packer vs ormsgpack."""
+    import ormsgpack
+
+    img = (5, "0194abcdef12abcdef1234567890abcdef12", "ready", "x", "human", 5, "Medium", "block", None, 0.0, 0, 0,
+           0, 3, None, None, 1.7e9, 1.7e9, 1.7e9, None, None, 0.0, None, None, 0, None,
+           msgpack.packb({"summary": "bench task", "agent_type": "x"}), b"\x02\x81\xa1i\x01", None, None, (), (),
+           None, None, None, ())
+    packer = msgpack.Packer(use_bin_type=True).pack
+    assert packer(img) == ormsgpack.packb(img)
+    for name, fn in (("msgpack Packer.pack", packer), ("ormsgpack.packb", ormsgpack.packb)):
+        best = min(timeit.repeat(lambda: fn(img), number=100_000, repeat=7)) / 100_000
+        print(f"  {name:22} {best * 1e9:6.0f} ns per image (best of 7 x 100k)")
+
+
 def main() -> None:
-    if sys.argv[1:2] == ["workload"]:
-        workload(int(sys.argv[2]))
+    args = sys.argv[1:]
+    if args[:1] == ["workload"]:
+        if "--no-gc" in args:
+            gc.disable()
+        rest = [a for a in args[1:] if a != "--no-gc"]
+        workload(int(rest[0]), *rest[1:2])
+        return
+    if args[:1] == ["callgrind"]:
+        callgrind(int(args[1]) if len(args) > 1 else 5000)
+        return
+    if args[:1] == ["pack"]:
+        pack()
         return
     with tempfile.TemporaryDirectory() as d:
         for k in range(3):
