@@ -94,9 +94,9 @@ class TaskRecord:
 assert tuple(f.name for f in fields(TaskRecord))[: len(IMAGE_FIELDS)] == IMAGE_FIELDS
 
 # Images and journal entries are the scheduler's own values (None, bool, int, float, str, bytes, tuples,
-# dicts with str keys), packed for every change: ormsgpack writes the same bytes as msgpack's Packer at
-# ~2.7x the speed (a 36-field image: 391 vs 1076 ns here).  Payloads keep msgpack's strict_types check
-# (models.encode_payload), which ormsgpack has no equivalent of; reading stays with msgpack (use_list=False).
+# dicts with str keys), packed for every change: ormsgpack writes the same bytes as msgpack's Packer in half
+# the time (a 36-field image: `python bench/sched_floor.py pack`).  Payloads keep msgpack's strict_types
+# check (models.encode_payload), which ormsgpack has no equivalent of; reading stays with msgpack.
 pack_values: Final[Callable[[Any], bytes]] = ormsgpack.packb
 _PACK = msgpack.Packer(use_bin_type=True).pack
 _STRICT_PACK = msgpack.Packer(use_bin_type=True, strict_types=True).pack  # see models.encode_payload
