@@ -1,0 +1,478 @@
+"""``baton bench handoff``: latency and throughput of a running daemon, measured from real agent processes.
+
+Three measurements, each with its own agent processes (``python -m baton.bench_handoff peer ...``):
+
+- ``rt``: message round trip agent -> router -> agent.  One peer negotiates the shared-memory ring pair, spins,
+  and sends a CRITICAL DIRECT frame to its own endpoint: the frame goes through the router and comes back on
+  the peer's inbound ring.  ``rt-pair`` does the same between two peers (request, then the reply: two
+  traversals of the router per sample).  Closed loop, or constant rate with ``--rate`` (latency is then
+  measured from each message's *intended* send time, which corrects for coordinated omission).
+- ``handoff``: a chain of tasks alternating between agent types ``bench-a`` and ``bench-b``, each the
+  prerequisite of the next, so exactly one task is ready at a time.  Each agent logs when it received a task
+  and when it sent the result; handoff k = (agent Y received task k+1) - (agent X sent the result of task k):
+  agent A reports done -> coordinator persists and releases -> router -> agent B holds the dependent task.
+- ``throughput``: N no-op agents of type ``bench-noop`` (WIP credit each); M tasks are enqueued first, then
+  the rate is M / (last result sent - first task received).
+
+The peers speak the wire protocol directly (docs/protocol.md) instead of going through ``baton.Agent``, so
+the figures are the daemon's, not the client library's.  Latencies are recorded in HDR histograms
+(``hdrhistogram``): p50, p99, p99.9 and max; a table on screen and everything as JSON in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from baton import wire
+from baton.protocol import EP_COORDINATOR, MsgType
+
+_NS = 1_000_000_000
+_TYPES = ("bench-a", "bench-b")
+_CORR = struct.Struct("<Q")
+
+
+def now_ns() -> int:
+    return time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of every timestamp libbaton writes
+
+
+class BenchError(RuntimeError):
+    """The daemon answered with an error or not at all; the message says what to check."""
+
+
+class Peer:
+    """One blocking connection to the daemon, speaking frames; optionally with the shared-memory ring pair."""
+
+    def __init__(self, path: str, name: str, *, agent_type: str | None = None, wip: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            raise BenchError(f"no baton daemon at {path} ({exc.strerror}); start one with `baton serve`") from exc
+        self.stream = wire.FrameStream()
+        self.inbox: list[tuple[wire.FrameHeader, bytes]] = []
+        self._corr = 0
+        self.c2r: Any = None
+        self.r2c: Any = None
+        self._fds: list[int] = []
+        hello = {"v": 1, "name": name, "pid": os.getpid(), "agent_type": agent_type, "capabilities": [], "wip": wip}
+        _, welcome = self.call(MsgType.HELLO, hello, EP_COORDINATOR)
+        self.endpoint: int = welcome["endpoint"]
+
+    def next_corr(self) -> int:
+        self._corr += 1
+        return self._corr
+
+    def send(self, mtype: int, body: Any, dest: int, *, corr: int = 0, flags: int = 0,
+             prio: int = wire.Priority.NORMAL) -> None:
+        payload = body if isinstance(body, bytes) else msgpack.packb(body)
+        hdr = wire.FrameHeader(type=mtype, priority=prio, flags=flags, destination=dest, correlation_id=corr,
+                               send_ts_ns=now_ns())
+        self.sock.sendall(wire.encode(hdr, payload))
+
+    def receive(self) -> list[tuple[wire.FrameHeader, bytes]]:
+        """Block until at least one frame arrives on the socket (fds passed with it are kept in ``_fds``)."""
+        while True:
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 4)
+            self._fds.extend(fds)
+            if not data:
+                raise BenchError("the daemon closed the connection")
+            frames = self.stream.feed(data)
+            if frames:
+                return frames
+
+    def call(self, mtype: int, body: Any, dest: int) -> tuple[wire.FrameHeader, Any]:
+        """Send a request and wait for its reply; other frames that arrive meanwhile go to ``inbox``."""
+        corr = self.next_corr()
+        self.send(mtype, body, dest, corr=corr)
+        while True:
+            for hdr, payload in self.receive():
+                if hdr.correlation_id == corr and hdr.flags & wire.F_REPLY and hdr.type == mtype:
+                    value = msgpack.unpackb(payload) if payload else None
+                    if hdr.flags & wire.F_ERROR:
+                        raise BenchError(f"{MsgType(mtype).name} failed: {value}")
+                    return hdr, value
+                self.inbox.append((hdr, payload))
+
+    def api(self, op: str, **args: Any) -> Any:
+        return self.call(MsgType.CALL, {"op": op, "args": args}, EP_COORDINATOR)[1]
+
+    def setup_ring(self, spin_ns: int) -> None:
+        """Negotiate the ring pair; both ends spin for spin_ns before parking."""
+        from baton import native
+
+        self.call(MsgType.RING_SETUP, b"", 0)
+        if len(self._fds) < 4:
+            raise BenchError(f"RING_READY carried {len(self._fds)} fds, expected 4")
+        c2r_fd, r2c_fd, *bells = self._fds[:4]
+        self.c2r = native.Ring.attach(c2r_fd, native.PRODUCER)
+        self.r2c = native.Ring.attach(r2c_fd, native.CONSUMER)
+        self.r2c.set_spin(spin_ns)
+        for fd in (c2r_fd, r2c_fd, *bells):
+            os.close(fd)  # attach keeps its own mapping; a spinning peer never needs the doorbells
+
+    def close(self) -> None:
+        for ring in (self.c2r, self.r2c):
+            if ring is not None:
+                ring.close()
+        self.sock.close()
+
+
+# --- peer processes -------------------------------------------------------------------------------------
+
+
+def _peer_echo(path: str, ready: str) -> None:
+    """rt-pair: answer every DIRECT request from the ring, on the ring, until the requester hangs up."""
+    peer = Peer(path, "bench-echo")
+    peer.setup_ring(spin_ns=_NS)
+    with open(ready, "w") as f:
+        f.write(str(peer.endpoint))
+    r2c, c2r = peer.r2c, peer.c2r
+    while True:
+        try:
+            records = r2c.read_batch(timeout=None)
+        except Exception:  # the router closed the ring: the benchmark is over
+            return
+        for rec in records:
+            hdr, payload = wire.decode(rec)
+            if hdr.type == MsgType.DIRECT and not hdr.flags & wire.F_REPLY:
+                reply = wire.FrameHeader(type=MsgType.DIRECT, priority=wire.Priority.CRITICAL, flags=wire.F_REPLY,
+                                         destination=hdr.source, correlation_id=hdr.correlation_id)
+                c2r.write(wire.encode(reply, payload))
+
+
+def _peer_agent(path: str, agent_type: str, wip: int, count: int, log: str) -> None:
+    """A no-op agent: answers every TASK at once, logs (task input k, received ns, result sent ns)."""
+    peer = Peer(path, f"bench-{agent_type}-{os.getpid()}", agent_type=agent_type, wip=wip)
+    entries: list[tuple[int, int, int]] = []
+    frames = peer.inbox
+    try:
+        while len(entries) < count:
+            if not frames:
+                frames = peer.receive()
+            out = []
+            for hdr, payload in frames:
+                if hdr.type != MsgType.TASK:
+                    continue
+                got = now_ns()
+                task = msgpack.unpackb(payload)
+                body = {"id": task["id"], "token": task["token"], "ok": True, "result": None}
+                rh = wire.FrameHeader(type=MsgType.RESULT, destination=EP_COORDINATOR,
+                                      correlation_id=hdr.correlation_id)
+                out.append(wire.encode(rh, msgpack.packb(body)))
+                entries.append((int(task["input"]["k"]), got, now_ns()))
+            frames = []
+            if out:
+                peer.sock.sendall(b"".join(out))
+    finally:
+        with open(log, "w") as f:
+            json.dump(entries, f)
+        peer.close()
+
+
+def _run_peer(argv: Sequence[str]) -> int:
+    role, path, *rest = argv
+    if role == "echo":
+        _peer_echo(path, rest[0])
+    elif role == "agent":
+        _peer_agent(path, rest[0], int(rest[1]), int(rest[2]), rest[3])
+    else:
+        raise SystemExit(f"unknown peer role {role!r}")
+    return 0
+
+
+# --- measurements -------------------------------------------------------------------------------------
+
+
+def _histogram() -> Any:
+    from hdrh.histogram import HdrHistogram
+
+    return HdrHistogram(1, 60 * _NS, 3)  # 1 ns .. 60 s at 3 significant digits
+
+
+@dataclass
+class Result:
+    name: str
+    unit: str = "us"
+    samples: int = 0
+    p50: float = 0.0
+    p99: float = 0.0
+    p999: float = 0.0
+    max: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_histogram(cls, name: str, h: Any, **extra: Any) -> Result:
+        us = 1000.0
+        return cls(name, "us", h.get_total_count(), h.get_value_at_percentile(50) / us,
+                   h.get_value_at_percentile(99) / us, h.get_value_at_percentile(99.9) / us,
+                   h.get_max_value() / us, dict(extra))
+
+
+class _Procs:
+    """Peer processes started for one measurement; all are stopped on exit."""
+
+    def __init__(self, path: str, tmp: str) -> None:
+        self.path, self.tmp, self.procs = path, tmp, list[subprocess.Popen[bytes]]()
+
+    def start(self, role: str, *args: object) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "baton.bench_handoff", "peer", role, self.path, *map(str, args)]
+        proc = subprocess.Popen(cmd)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> _Procs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _wait_file(path: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path) as f:
+                return f.read()
+        if proc.poll() is not None:
+            raise BenchError(f"peer process exited with status {proc.returncode} before it was ready")
+        time.sleep(0.01)
+    raise BenchError(f"peer not ready after {timeout:.0f} s")
+
+
+def _round_trips(peer: Peer, dest: int, seconds: float, rate: float | None, name: str, **extra: Any) -> Result:
+    """Send CRITICAL DIRECT frames to dest through the ring and time each reply."""
+    h = _histogram()
+    c2r, r2c = peer.c2r, peer.r2c
+    buf = r2c.buffer
+    hdr = wire.FrameHeader(type=MsgType.DIRECT, priority=wire.Priority.CRITICAL, destination=dest)
+    interval = int(_NS / rate) if rate else 0
+    warm_end = now_ns() + min(_NS, int(seconds * _NS) // 5)
+    end = warm_end + int(seconds * _NS)
+    corr = 0
+    next_send = now_ns()
+    while True:
+        corr += 1
+        hdr.correlation_id = corr
+        frame = wire.encode(hdr, b"")
+        if interval:
+            while now_ns() < next_send:
+                pass  # constant rate: spin to the intended send time
+        start = next_send if interval else now_ns()
+        n = r2c.exchange(c2r, frame, timeout=5.0)
+        if n == 0:
+            raise BenchError("no reply within 5 s: is the router routing CRITICAL frames through rings?")
+        got = now_ns()
+        if _CORR.unpack_from(buf, 32)[0] != corr:  # correlation_id sits at byte 32 of the header
+            raise BenchError("reply out of order")
+        if got >= warm_end:
+            h.record_value(max(1, got - start))
+        if got >= end:
+            break
+        next_send = next_send + interval if interval else got
+    return Result.from_histogram(name, h, seconds=seconds, rate=rate, **extra)
+
+
+def measure_rt(path: str, seconds: float, rate: float | None, tmp: str) -> list[Result]:
+    out = []
+    peer = Peer(path, "bench-rt")
+    try:
+        peer.setup_ring(spin_ns=_NS)
+        out.append(_round_trips(peer, peer.endpoint, seconds, rate, "rt (agent -> router -> same agent, ring)"))
+        with _Procs(path, tmp) as procs:
+            ready = os.path.join(tmp, "echo.ready")
+            echo = procs.start("echo", ready)
+            dest = int(_wait_file(ready, echo))
+            out.append(_round_trips(peer, dest, seconds, rate, "rt-pair (request -> other agent -> reply, ring)"))
+    finally:
+        peer.close()
+    return out
+
+
+def _enqueue(client: Peer, specs: list[dict[str, Any]], batch: int = 1000) -> None:
+    for i in range(0, len(specs), batch):
+        client.api("enqueue", tasks=specs[i : i + batch])
+
+
+def _agents_logs(procs: _Procs, logs: list[str], timeout: float) -> list[list[tuple[int, int, int]]]:
+    deadline = time.monotonic() + timeout
+    for p in procs.procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"agents did not finish within {timeout:.0f} s; see `baton status`") from None
+    out = []
+    for log in logs:
+        with open(log) as f:
+            out.append([(k, recv, sent) for k, recv, sent in json.load(f)])
+    return out
+
+
+def measure_handoff(path: str, n: int, tmp: str, timeout: float) -> Result:
+    tag = f"h{os.getpid()}x{now_ns()}"
+    specs = [
+        {"id": f"{tag}-{k}", "summary": f"handoff bench step {k}", "agent_type": _TYPES[k % 2], "input": {"k": k},
+         "prerequisites": [f"{tag}-{k - 1}"] if k else []}
+        for k in range(n)
+    ]
+    counts = [(n + 1) // 2, n // 2]
+    logs = [os.path.join(tmp, f"{t}.log") for t in _TYPES]
+    client = Peer(path, "bench-handoff")
+    try:
+        with _Procs(path, tmp) as procs:
+            for agent_type, count, log in zip(_TYPES, counts, logs):
+                procs.start("agent", agent_type, 1, count, log)
+            _wait_agents(client, {t: 1 for t in _TYPES})
+            _enqueue(client, specs)
+            a_log, b_log = _agents_logs(procs, logs, timeout)
+    finally:
+        client.close()
+    got = {k: (recv, sent) for k, recv, sent in a_log + b_log}
+    h = _histogram()
+    for k in range(1, n):
+        h.record_value(max(1, got[k][0] - got[k - 1][1]))
+    return Result.from_histogram("handoff (A done -> B holds dependent)", h, tasks=n)
+
+
+def _wait_agents(client: Peer, want: dict[str, int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        have: dict[str, int] = {}
+        for a in client.api("agents"):
+            if a.get("agent_type"):
+                have[a["agent_type"]] = have.get(a["agent_type"], 0) + 1
+        if all(have.get(t, 0) >= c for t, c in want.items()):
+            return
+        time.sleep(0.02)
+    raise BenchError(f"agents {want} did not connect within {timeout:.0f} s")
+
+
+def measure_throughput(path: str, n: int, agents: int, wip: int, tmp: str, timeout: float) -> Result:
+    tag = f"t{os.getpid()}x{now_ns()}"
+    specs = [{"id": f"{tag}-{k}", "summary": "no-op", "agent_type": "bench-noop", "input": {"k": k}}
+             for k in range(n)]
+    client = Peer(path, "bench-throughput")
+    try:
+        client.api("pulse")  # fail early with the daemon's error if it cannot serve
+        t0 = time.perf_counter()
+        _enqueue(client, specs)
+        enqueue_s = time.perf_counter() - t0
+        logs = [os.path.join(tmp, f"noop{i}.log") for i in range(agents)]
+        share = [n // agents + (1 if i < n % agents else 0) for i in range(agents)]
+        with _Procs(path, tmp) as procs:
+            for count, log in zip(share, logs):
+                procs.start("agent", "bench-noop", wip, count, log)
+            per_agent = _agents_logs(procs, logs, timeout)
+    finally:
+        client.close()
+    entries = [e for log in per_agent for e in log]
+    first = min(e[1] for e in entries)
+    last = max(e[2] for e in entries)
+    rate = len(entries) / ((last - first) / _NS)
+    h = _histogram()
+    for _, recv, sent in entries:
+        h.record_value(max(1, sent - recv))
+    res = Result.from_histogram("throughput (no-op tasks)", h, tasks=len(entries), agents=agents, wip=wip,
+                                tasks_per_s=round(rate), enqueue_tasks_per_s=round(n / enqueue_s))
+    res.unit = "us in agent"
+    return res
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+
+
+def _print(results: Sequence[Result]) -> None:
+    from baton.cli import print_table
+
+    print_table([(r.name, r.samples, f"{r.p50:.1f}", f"{r.p99:.1f}", f"{r.p999:.1f}", f"{r.max:.1f}",
+                  " ".join(f"{k}={v}" for k, v in r.extra.items() if v is not None)) for r in results],
+                ["measurement", "samples", "p50 us", "p99 us", "p99.9 us", "max us", ""])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", nargs="*", choices=["rt", "handoff", "throughput"], default=[],
+                   help="measurements to run (default: all)")
+    p.add_argument("--socket", help="daemon socket (default: as `baton serve` chooses it; BATON_SOCKET)")
+    p.add_argument("--seconds", type=float, default=3.0, help="duration of each round-trip run")
+    p.add_argument("--rate", type=float, help="constant send rate for rt (per second); default closed loop")
+    p.add_argument("--chain", type=int, default=2000, help="tasks in the handoff chain")
+    p.add_argument("--tasks", type=int, default=20000, help="no-op tasks for the throughput run")
+    p.add_argument("--agents", type=int, default=2, help="agents for the throughput run")
+    p.add_argument("--wip", type=int, default=32, help="WIP credit each throughput agent asks for")
+    p.add_argument("--timeout", type=float, default=300.0, help="give up a task run after this many seconds")
+    p.add_argument("--out", default="bench-handoff.json", help="where to save the JSON results")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tempfile import TemporaryDirectory
+
+    from baton.daemon_config import default_socket_path
+
+    path = args.socket or os.environ.get("BATON_SOCKET") or str(default_socket_path(os.environ))
+    what = args.what or ["rt", "handoff", "throughput"]
+    results: list[Result] = []
+    try:
+        with TemporaryDirectory(prefix="baton-bench-") as tmp:
+            for item in what:
+                print(f"bench: {item} ...", file=sys.stderr)
+                if item == "rt":
+                    results += measure_rt(path, args.seconds, args.rate, tmp)
+                elif item == "handoff":
+                    results.append(measure_handoff(path, args.chain, tmp, args.timeout))
+                else:
+                    results.append(measure_throughput(path, args.tasks, args.agents, args.wip, tmp, args.timeout))
+    except BenchError as exc:
+        print(f"baton bench: {exc}", file=sys.stderr)
+        return 2
+    report = {"machine": machine(), "socket": path, "results": [r.__dict__ for r in results]}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(results)
+        print(f"\nsaved {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["peer"]:
+        return _run_peer(argv[1:])
+    p = argparse.ArgumentParser(prog="baton bench handoff", description=__doc__.split("\n")[0] if __doc__ else "")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
