@@ -146,7 +146,7 @@ def _peer_echo(path: str, ready: str) -> None:
         except Exception:  # the router closed the ring: the benchmark is over
             return
         for rec in records:
-            hdr, payload = wire.decode(rec)
+            hdr, payload, _ = wire.decode(rec)
             if hdr.type == MsgType.DIRECT and not hdr.flags & wire.F_REPLY:
                 reply = wire.FrameHeader(type=MsgType.DIRECT, priority=wire.Priority.CRITICAL, flags=wire.F_REPLY,
                                          destination=hdr.source, correlation_id=hdr.correlation_id)
