@@ -213,6 +213,8 @@ typedef struct bt_ring {
     uint64_t full_events; /* producer: times a write found the ring full */
     uint64_t live_check_ns; /* consumer: when bt_ring_wait may next probe whether the producer is alive */
     size_t map_len;
+    int doorbell;       /* producer: eventfd written instead of FUTEX_WAKE (bt_ring_set_doorbell), or -1 */
+    int _pad_doorbell;
 } bt_ring;
 
 typedef struct bt_ring_stats {
@@ -257,6 +259,39 @@ void bt_ring_set_spin(bt_ring *r, uint64_t spin_ns);
 
 /* Snapshot of sizes and counters. */
 void bt_ring_stats_get(const bt_ring *r, bt_ring_stats *out);
+
+/*
+ * Doorbells: how an event loop sleeps on a ring without a thread parked in FUTEX_WAIT.
+ *
+ * bt_ring_set_doorbell(producer_end, efd): from now on, when a publish finds the consumer's `waiters` flag
+ * set, it writes 1 to the eventfd efd instead of FUTEX_WAKE; bt_ring_close on this end writes it
+ * unconditionally (close is rare, and a consumer blocked in its loop must see it).  efd stays the caller's
+ * (keep it open while this end lives); -1 returns to futex wakes.  A write that finds the eventfd counter
+ * saturated (EAGAIN on a non-blocking eventfd) is fine: the consumer is already due to wake.
+ *
+ * bt_ring_arm(consumer_end): the consumer is about to block in its own event loop (epoll, io_uring) with
+ * the doorbell registered.  Sets `waiters`, a seq_cst fence (the mirror of publish's fence, as in
+ * bt_ring_wait's park), then re-checks the ring.  Returns 0 when armed (nothing to read: the next publish
+ * rings the bell), 1 when a record is already there (waiters cleared again: do not block, read),
+ * -EPIPE when the producer closed the ring and every record was read (waiters cleared), -EPROTO on a corrupt
+ * record.  Never blocks, never syscalls.
+ *
+ * bt_ring_disarm(consumer_end): the consumer is awake again (the bell rang, or it woke for another reason):
+ * clear `waiters`, so the producer stops ringing while the consumer polls the ring itself.  The rule: arm
+ * just before every blocking wait, disarm right after it returns, then read until empty.  A bell that rang
+ * after the last read is harmless (a spurious wake-up finds the ring empty and arms again).  A relaxed store:
+ * a stale 1 only costs the producer one eventfd write; the fence that matters is arm's.
+ */
+void bt_ring_set_doorbell(bt_ring *producer_end, int eventfd);
+int bt_ring_arm(bt_ring *consumer_end);
+void bt_ring_disarm(bt_ring *consumer_end);
+
+/*
+ * Consumer: has the producer closed the ring (1) or died without closing (1, probed at most every 100 ms
+ * by pid as in bt_ring_wait), or not (0)?  Records may still be waiting: read until empty first.  For event
+ * loops that never call bt_ring_wait.
+ */
+int bt_ring_producer_gone(bt_ring *consumer_end);
 
 /* Producer slow path: refresh the cached head.  Returns free bytes, or -EPROTO for an impossible head. */
 int bti_ring_refresh_head(bt_ring *r);

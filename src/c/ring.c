@@ -72,6 +72,26 @@ static void ring_wake(bt_ring_shm *shm)
     ring_futex_wake(&shm->futex_seq, INT_MAX);
 }
 
+/* Ring the consumer's eventfd.  EAGAIN (counter saturated) means it is already due to wake; any other error
+ * leaves nothing to do from a publish, which cannot fail. */
+static void ring_bell(int efd)
+{
+    uint64_t one = 1;
+    ssize_t n;
+    do {
+        n = write(efd, &one, sizeof(one));
+    } while (n < 0 && errno == EINTR);
+}
+
+/* The wake of a producer end: its doorbell when it has one, else the futex. */
+static void ring_wake_consumer(bt_ring *r)
+{
+    if (r->doorbell >= 0)
+        ring_bell(r->doorbell);
+    else
+        ring_wake(r->shm);
+}
+
 static int ring_alloc_handle(bt_ring_shm *shm, size_t map_len, uint64_t capacity, uint32_t max_record,
                              int role, int fd, bt_ring **out)
 {
@@ -87,6 +107,7 @@ static int ring_alloc_handle(bt_ring_shm *shm, size_t map_len, uint64_t capacity
     r->fd = fd;
     r->spin_ns = RING_DEFAULT_SPIN_NS;
     r->map_len = map_len;
+    r->doorbell = -1;
     *out = r;
     return 0;
 }
@@ -261,6 +282,8 @@ void bt_ring_close(bt_ring *r)
          * fence between setting `waiters` and re-checking `producer_closed`, like publish. */
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         ring_wake(shm);
+        if (r->doorbell >= 0)
+            ring_bell(r->doorbell); /* a consumer blocked in an event loop learns of the close too */
     }
     munmap(shm, r->map_len);
     if (r->fd >= 0)
@@ -337,7 +360,13 @@ void bt_ring_publish(bt_ring *r)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     /* Relaxed: the fence above provides the ordering. */
     if (__atomic_load_n(&shm->waiters, __ATOMIC_RELAXED))
-        ring_wake(shm);
+        ring_wake_consumer(r);
+}
+
+void bt_ring_set_doorbell(bt_ring *r, int efd)
+{
+    if (r && r->role == BT_RING_PRODUCER)
+        r->doorbell = efd < 0 ? -1 : efd;
 }
 
 void bt_ring_release(bt_ring *r)
@@ -560,6 +589,40 @@ int bt_ring_wait(bt_ring *r, uint64_t timeout_ns)
             return rc;
         now = bt_now_ns();
     }
+}
+
+int bt_ring_arm(bt_ring *r)
+{
+    if (!r || r->role != BT_RING_CONSUMER)
+        return -EINVAL;
+    bt_ring_shm *shm = r->shm;
+    /* Relaxed store + seq_cst fence, exactly as bt_ring_wait's park: publish stores the commit, fences and
+     * loads `waiters`; we store `waiters`, fence and load the commit.  At least one side sees the other, so
+     * either our re-check below finds the record or the producer rings the bell. */
+    __atomic_store_n(&shm->waiters, 1u, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int rc = ring_ready(r);
+    if (rc == 0 && !__atomic_load_n(&shm->producer_closed, __ATOMIC_ACQUIRE))
+        return 0;
+    __atomic_store_n(&shm->waiters, 0u, __ATOMIC_RELAXED);
+    if (rc != 0)
+        return rc;
+    /* Closed: records committed before the close are visible now (acquire above); deliver them first. */
+    rc = ring_ready(r);
+    return rc != 0 ? rc : -EPIPE;
+}
+
+void bt_ring_disarm(bt_ring *r)
+{
+    if (r && r->role == BT_RING_CONSUMER)
+        __atomic_store_n(&r->shm->waiters, 0u, __ATOMIC_RELAXED);
+}
+
+int bt_ring_producer_gone(bt_ring *r)
+{
+    if (!r || r->role != BT_RING_CONSUMER)
+        return -EINVAL;
+    return ring_gone(r, bt_now_ns());
 }
 
 int bt_ring_read_wait(bt_ring *r, void *buf, size_t cap, uint32_t *lens, int max_n, uint64_t timeout_ns)

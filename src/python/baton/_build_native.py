@@ -86,6 +86,10 @@ int bt_ring_write(bt_ring *r, const char *data, uint32_t len);
 int bt_ring_write_batch(bt_ring *r, const char *buf, const uint32_t *lens, int n);
 int bt_ring_read_batch(bt_ring *r, void *buf, size_t cap, uint32_t *lens, int max_n);
 int bt_ring_wait(bt_ring *r, uint64_t timeout_ns);
+void bt_ring_set_doorbell(bt_ring *producer_end, int eventfd);
+int bt_ring_arm(bt_ring *consumer_end);
+void bt_ring_disarm(bt_ring *consumer_end);
+int bt_ring_producer_gone(bt_ring *consumer_end);
 int bt_ring_read_wait(bt_ring *r, void *buf, size_t cap, uint32_t *lens, int max_n, uint64_t timeout_ns);
 typedef struct bt_ring_batch {
     void *buf;

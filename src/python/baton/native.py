@@ -228,6 +228,28 @@ class Ring(_Handle):
     def set_spin(self, spin_ns: int) -> None:
         lib.bt_ring_set_spin(self._handle(), spin_ns)
 
+    def set_doorbell(self, eventfd: int) -> None:
+        """Producer end: ring this eventfd (instead of a futex wake) when the consumer armed; -1 undoes it.
+        The eventfd stays the caller's and must outlive this end."""
+        lib.bt_ring_set_doorbell(self._handle(), eventfd)
+
+    def arm(self) -> bool:
+        """Consumer end, before sleeping on the doorbell: True when armed (the next publish rings it), False
+        when a record is already here (read it instead of sleeping).  PeerClosed when the producer closed
+        the ring and everything was read."""
+        rc = lib.bt_ring_arm(self._handle())
+        if rc < 0:
+            raise error_from_errno(-rc, "ring arm")
+        return rc == 0
+
+    def disarm(self) -> None:
+        """Consumer end, awake again: the producer stops ringing until the next arm."""
+        lib.bt_ring_disarm(self._handle())
+
+    def producer_gone(self) -> bool:
+        """Consumer end: has the producer closed the ring or died (records may remain to be read)?"""
+        return check(lib.bt_ring_producer_gone(self._handle()), "ring producer") == 1
+
     def stats(self) -> dict[str, int]:
         s = ffi.new("bt_ring_stats *")
         lib.bt_ring_stats_get(self._handle(), s)
