@@ -67,6 +67,8 @@ INBOX_LIMIT: Final = 10_000
 _READ_SIZE: Final = 256 * 1024
 _HEADER_HELLO: Final = int(MsgType.HELLO)
 _TO_COORDINATOR: Final = frozenset({MsgType.HELLO, MsgType.CALL, MsgType.RESULT, MsgType.HEARTBEAT})
+# Requests answered by a frame of another type; their error replies keep the request's type.
+_REPLY_TYPE: Final = {MsgType.HELLO: MsgType.WELCOME, MsgType.RING_SETUP: MsgType.RING_READY}
 _MESSAGE_TYPES: Final = frozenset({MsgType.DIRECT, MsgType.PUBLISH, MsgType.MULTICAST, MsgType.BROADCAST})
 
 
@@ -460,20 +462,23 @@ class Client:
         else:
             log.debug("ignoring an unexpected %s frame", header.type)
 
-    def _wait_reply(self, key: tuple[int, int], timeout: float | None) -> Any:
+    def _wait_reply(self, mtype: int, corr: int, timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._waiting.add(key)
+        keys = {(mtype, corr), (_REPLY_TYPE.get(mtype, mtype), corr)}
+        self._waiting |= keys
         try:
-            return self._wait_reply_loop(key, deadline, timeout)
+            return self._wait_reply_loop(keys, deadline, timeout)
         finally:
-            self._waiting.discard(key)
-            self._replies.pop(key, None)
+            self._waiting -= keys
+            for key in keys:
+                self._replies.pop(key, None)
 
-    def _wait_reply_loop(self, key: tuple[int, int], deadline: float | None, timeout: float | None) -> Any:
+    def _wait_reply_loop(self, keys: set[tuple[int, int]], deadline: float | None, timeout: float | None) -> Any:
         while True:
-            got = self._replies.pop(key, None)
-            if got is not None:
-                return reply_value(*got)
+            for key in keys:
+                got = self._replies.pop(key, None)
+                if got is not None:
+                    return reply_value(*got)
             refused = self._replies.pop((_HEADER_HELLO, -1), None)
             if refused is not None:
                 reply_value(*refused)
@@ -495,7 +500,7 @@ class Client:
         with self._lock:
             corr = self._core.next_corr()
             self._send(self._core.frame(mtype, payload, dest=dest, corr=corr, priority=priority))
-            return self._wait_reply((mtype, corr), timeout)
+            return self._wait_reply(mtype, corr, timeout)
 
     def call(self, op: str, timeout: float | None = -1.0, **args: Any) -> Any:
         """Send one CALL and return its result (plain msgpack); raise the error it carries."""
@@ -842,6 +847,9 @@ class _AsyncConnection:
                         priority: int = Priority.NORMAL) -> Any:
         corr = self.core.next_corr()
         fut = self.expect(mtype, corr)
+        reply_type = _REPLY_TYPE.get(mtype)
+        if reply_type is not None:
+            self._pending[(reply_type, corr)] = fut  # success comes as WELCOME/RING_READY, errors as mtype
         try:
             await self.send(mtype, payload, dest=dest, corr=corr, priority=priority)
             header, body = await asyncio.wait_for(fut, timeout)
@@ -852,6 +860,8 @@ class _AsyncConnection:
             ) from None
         finally:
             self.forget(mtype, corr)
+            if reply_type is not None:
+                self.forget(reply_type, corr)
         return reply_value(header, body)
 
 
