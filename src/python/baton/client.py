@@ -68,7 +68,7 @@ _READ_SIZE: Final = 256 * 1024
 _HEADER_HELLO: Final = int(MsgType.HELLO)
 _TO_COORDINATOR: Final = frozenset({MsgType.HELLO, MsgType.CALL, MsgType.RESULT, MsgType.HEARTBEAT})
 # Requests answered by a frame of another type; their error replies keep the request's type.
-_REPLY_TYPE: Final = {MsgType.HELLO: MsgType.WELCOME, MsgType.RING_SETUP: MsgType.RING_READY}
+_REPLY_TYPE: Final[dict[int, int]] = {MsgType.HELLO: MsgType.WELCOME, MsgType.RING_SETUP: MsgType.RING_READY}
 _MESSAGE_TYPES: Final = frozenset({MsgType.DIRECT, MsgType.PUBLISH, MsgType.MULTICAST, MsgType.BROADCAST})
 
 
