@@ -1,0 +1,643 @@
+"""One conformance suite for every router (docs/protocol.md), run through RouterLink.
+
+Each test runs against the pure-Python router and the native (C) router: the test plays the coordinator
+through the link and the clients over real unix sockets (tests/python/router_harness.py).  Ordering
+assertions use barriers the protocol guarantees (frames from one sender to one receiver keep their order
+within a priority), never sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import stat
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from baton import native, protocol, wire
+from baton.protocol import MsgType
+from baton.router import RouterLink, RouterOptions
+from router_harness import (
+    CRITICAL,
+    F_ERROR,
+    F_REPLY,
+    NORMAL,
+    Client,
+    Frame,
+    Harness,
+    coord_frame,
+    frame,
+    dispatched_pairs,
+    parse,
+    too_large_header,
+)
+
+GEN = 7
+MAX_PAYLOAD = 64 * 1024
+COORD = protocol.EP_COORDINATOR
+
+
+def _python_link(options: RouterOptions) -> RouterLink:
+    from baton.router.python import PythonRouterLink
+
+    return PythonRouterLink(options)
+
+
+def _native_link(options: RouterOptions) -> RouterLink:
+    from baton.router.native import NativeRouterLink  # type: ignore[import-not-found,unused-ignore]
+
+    link: RouterLink = NativeRouterLink(options)
+    return link
+
+
+LINKS: dict[str, Callable[[RouterOptions], RouterLink]] = {"python": _python_link, "native": _native_link}
+
+
+@pytest.fixture(params=sorted(LINKS))
+def make_link(request: pytest.FixtureRequest) -> Callable[[RouterOptions], RouterLink]:
+    return LINKS[request.param]
+
+
+@pytest.fixture
+def h(short_tmp: Path, make_link: Callable[[RouterOptions], RouterLink]) -> Iterator[Harness]:
+    harness = Harness(str(short_tmp), make_link, generation=GEN, max_payload=MAX_PAYLOAD).start()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+def is_reply(f: Frame, type: int, corr: int) -> bool:
+    return f.type == type and f.corr == corr and bool(f.flags & F_REPLY)
+
+
+def expect_error(c: Client, type: int, corr: int, code: str) -> Frame:
+    f = c.recv_until(lambda f: is_reply(f, type, corr), what=f"{code} reply to type {type}")
+    assert f.flags & F_ERROR, f
+    body = f.obj()
+    assert body["code"] == code, body
+    assert isinstance(body["message"], str) and body["message"]
+    return f
+
+
+# --- endpoints --------------------------------------------------------------------------------------------
+
+
+def test_endpoint_ids_count_from_2_under_the_generation(h: Harness) -> None:
+    a, b, c = h.connect(), h.connect(), h.connect()
+    assert [x.ep for x in (a, b, c)] == [(GEN << 32) | n for n in (2, 3, 4)]
+
+
+def test_ep_open_carries_peer_credentials(h: Harness) -> None:
+    a = h.connect()
+    opened: Frame = a.ep_open  # type: ignore[attr-defined]
+    assert opened.destination == COORD
+    assert opened.obj() == [os.getpid(), os.getuid(), os.getgid()]
+
+
+def test_source_is_overwritten_on_frames_to_the_coordinator_and_to_endpoints(h: Harness) -> None:
+    a, b = h.connect(), h.connect()
+    a.send(MsgType.HELLO, source=b.ep, destination=COORD, corr=1,
+           obj={"v": 1, "name": "a", "pid": os.getpid(), "agent_type": None, "capabilities": [], "wip": 0})
+    hello = h.coord.recv_until(lambda f: f.type == MsgType.HELLO, what="HELLO")
+    assert hello.source == a.ep and hello.corr == 1
+    a.send(MsgType.DIRECT, source=COORD, destination=b.ep, payload=b"forged")
+    got = b.recv_until(lambda f: f.type == MsgType.DIRECT, what="DIRECT")
+    assert got.source == a.ep and got.payload == b"forged"
+
+
+def test_source_is_overwritten_on_a_crc_frame(h: Harness) -> None:
+    a, b = h.connect(), h.connect()
+    a.send(MsgType.DIRECT, source=12345, destination=b.ep, flags=wire.F_CRC, payload=b"checked")
+    got = b.recv_until(lambda f: f.type == MsgType.DIRECT, what="DIRECT")  # FrameStream verified the CRC
+    assert got.source == a.ep and got.payload == b"checked" and got.flags & wire.F_CRC
+
+
+# --- DIRECT -----------------------------------------------------------------------------------------------
+
+
+def test_direct_request_and_response_keep_the_correlation_id(h: Harness) -> None:
+    a, b = h.connect(), h.connect()
+    a.send(MsgType.DIRECT, destination=b.ep, corr=77, payload=b"question")
+    req = b.recv_until(lambda f: f.type == MsgType.DIRECT, what="request")
+    assert (req.source, req.destination, req.corr, req.flags, req.payload) == (a.ep, b.ep, 77, 0, b"question")
+    b.send(MsgType.DIRECT, destination=req.source, corr=req.corr, flags=F_REPLY, payload=b"answer")
+    resp = a.recv_until(lambda f: is_reply(f, MsgType.DIRECT, 77), what="response")
+    assert resp.source == b.ep and resp.payload == b"answer" and not resp.flags & F_ERROR
+
+
+def test_direct_to_and_from_the_coordinator(h: Harness) -> None:
+    a = h.connect()
+    a.send(MsgType.DIRECT, destination=COORD, corr=5, payload=b"up")
+    up = h.coord.recv_until(lambda f: f.type == MsgType.DIRECT, what="DIRECT to the coordinator")
+    assert (up.source, up.corr, up.payload) == (a.ep, 5, b"up")
+    h.coord.send([coord_frame(MsgType.DIRECT, destination=a.ep, corr=5, flags=F_REPLY, payload=b"down")])
+    down = a.recv_until(lambda f: is_reply(f, MsgType.DIRECT, 5), what="DIRECT from the coordinator")
+    assert down.source == COORD and down.payload == b"down"
+
+
+def test_direct_to_an_unknown_endpoint_is_no_such_endpoint(h: Harness) -> None:
+    a = h.connect()
+    ghost = (GEN << 32) | 999
+    a.send(MsgType.DIRECT, destination=ghost, corr=9, payload=b"?")
+    expect_error(a, MsgType.DIRECT, 9, "no_such_endpoint")
+    a.send(MsgType.DIRECT, destination=ghost, corr=0, payload=b"one way")  # corr 0: still told, with corr 0
+    expect_error(a, MsgType.DIRECT, 0, "no_such_endpoint")
+
+
+def test_direct_from_the_coordinator_to_an_unknown_endpoint(h: Harness) -> None:
+    ghost = (GEN << 32) | 998
+    h.coord.send([coord_frame(MsgType.DIRECT, destination=ghost, corr=4, payload=b"?")])
+    f = h.coord.recv_until(lambda f: is_reply(f, MsgType.DIRECT, 4), what="no_such_endpoint")
+    assert f.flags & F_ERROR and f.obj()["code"] == "no_such_endpoint"
+
+
+# --- pub/sub, groups, broadcast ---------------------------------------------------------------------------
+
+
+def test_publish_reaches_subscribers_and_unsubscribe_stops_it(h: Harness) -> None:
+    a, b, c = h.connect(), h.connect(), h.connect()
+    topic = protocol.topic_id("news")
+    for i, x in enumerate((a, b)):
+        x.send(MsgType.SUBSCRIBE, destination=topic, corr=10 + i)
+        ack = x.recv_until(lambda f, i=i: is_reply(f, MsgType.SUBSCRIBE, 10 + i), what="SUBSCRIBE ack")
+        assert not ack.flags & F_ERROR and ack.payload == b""
+    c.send(MsgType.PUBLISH, destination=topic, payload=b"one")
+    for x in (a, b):
+        got = x.recv_until(lambda f: f.type == MsgType.PUBLISH, what="publication")
+        assert (got.source, got.destination, got.payload) == (c.ep, topic, b"one")
+    # The publisher is not subscribed: its round trip completes with no publication ahead of it.
+    c.ping(1)
+    assert not [f for f in c.pending if f.type == MsgType.PUBLISH]
+
+    b.send(MsgType.UNSUBSCRIBE, destination=topic, corr=20)
+    b.recv_until(lambda f: is_reply(f, MsgType.UNSUBSCRIBE, 20), what="UNSUBSCRIBE ack")
+    a.send(MsgType.PUBLISH, destination=topic, payload=b"two")  # a is subscribed: it gets its own
+    assert a.recv_until(lambda f: f.type == MsgType.PUBLISH, what="own publication").payload == b"two"
+    a.send(MsgType.DIRECT, destination=b.ep, corr=3, payload=b"after")  # same sender, same priority: after
+    got = b.drain_until(lambda f: f.type == MsgType.DIRECT, what="barrier")
+    assert [f.type for f in got] == [MsgType.DIRECT], got
+
+
+def test_subscribe_without_corr_is_not_acknowledged(h: Harness) -> None:
+    a = h.connect()
+    topic = protocol.topic_id("quiet")
+    a.send(MsgType.SUBSCRIBE, destination=topic)
+    a.send(MsgType.PUBLISH, destination=topic, payload=b"x")
+    got = a.drain_until(lambda f: f.type == MsgType.PUBLISH, what="publication")
+    assert [f.type for f in got] == [MsgType.PUBLISH]
+
+
+def test_multicast_reaches_members_but_not_the_sender_and_leave_stops_it(h: Harness) -> None:
+    a, b, c = h.connect(), h.connect(), h.connect()
+    group = protocol.group_id("crew")
+    for i, x in enumerate((a, b, c)):
+        x.send(MsgType.JOIN, destination=group, corr=30 + i)
+        x.recv_until(lambda f, i=i: is_reply(f, MsgType.JOIN, 30 + i), what="JOIN ack")
+    a.send(MsgType.MULTICAST, destination=group, payload=b"hi")
+    for x in (b, c):
+        got = x.recv_until(lambda f: f.type == MsgType.MULTICAST, what="multicast")
+        assert (got.source, got.destination, got.payload) == (a.ep, group, b"hi")
+    a.ping(2)
+    assert not [f for f in a.pending if f.type == MsgType.MULTICAST], "the sender got its own multicast"
+
+    c.send(MsgType.LEAVE, destination=group, corr=40)
+    c.recv_until(lambda f: is_reply(f, MsgType.LEAVE, 40), what="LEAVE ack")
+    a.send(MsgType.MULTICAST, destination=group, payload=b"again")
+    assert b.recv_until(lambda f: f.type == MsgType.MULTICAST, what="multicast").payload == b"again"
+    a.send(MsgType.DIRECT, destination=c.ep, corr=4, payload=b"after")
+    got = c.drain_until(lambda f: f.type == MsgType.DIRECT, what="barrier")
+    assert [f.type for f in got] == [MsgType.DIRECT], got
+
+
+def test_broadcast_skips_the_sender_and_the_coordinator(h: Harness) -> None:
+    a, b, c = h.connect(), h.connect(), h.connect()
+    a.send(MsgType.BROADCAST, payload=b"all")
+    for x in (b, c):
+        got = x.recv_until(lambda f: f.type == MsgType.BROADCAST, what="broadcast")
+        assert got.source == a.ep and got.payload == b"all"
+    a.ping(3)
+    assert not [f for f in a.pending if f.type == MsgType.BROADCAST]
+    a.send(MsgType.CALL, destination=COORD, corr=8, obj={"op": "pulse", "args": {}})
+    got = h.coord.drain_until(lambda f: f.type == MsgType.CALL, what="CALL barrier")
+    assert not [f for f in got if f.type == MsgType.BROADCAST], got
+
+
+# --- work queues ------------------------------------------------------------------------------------------
+
+
+def test_an_agent_never_holds_more_than_its_credit_and_result_brings_the_next(h: Harness) -> None:
+    agent = h.agent("build", 2)
+    for did in range(1, 6):
+        h.push("build", did)
+    first = h.tasks_before_marker(agent, 100)
+    assert [t.corr for t in first] == [1, 2]
+    for t in first:
+        assert t.destination == agent.ep and t.source == COORD
+        assert t.obj()["id"] == f"t{t.corr}"
+    dispatched = h.coord.recv_until(lambda f: f.type == MsgType.DISPATCHED, what="DISPATCHED")
+    assert dispatched.source == 0 and dispatched.destination == COORD
+    pairs = dispatched_pairs([dispatched])
+    while len(pairs) < 2:
+        pairs += dispatched_pairs([h.coord.recv_until(lambda f: f.type == MsgType.DISPATCHED)])
+    assert pairs == [(agent.ep, 1), (agent.ep, 2)]
+
+    # RESULT: forwarded to the coordinator, and the next task arrives with no coordinator action.
+    h.result(agent, 1)
+    res = h.coord.recv_until(lambda f: f.type == MsgType.RESULT, what="RESULT")
+    assert (res.source, res.corr, res.obj()["ok"]) == (agent.ep, 1, True)
+    nxt = agent.recv_until(lambda f: f.type == MsgType.TASK, what="the next task")
+    assert nxt.corr == 3
+    assert h.tasks_before_marker(agent, 101) == []  # still exactly its credit
+    more = h.coord.recv_until(lambda f: f.type == MsgType.DISPATCHED, what="DISPATCHED for 3")
+    assert dispatched_pairs([more]) == [(agent.ep, 3)]
+
+
+def test_result_for_a_dispatch_the_agent_does_not_hold_returns_no_credit(h: Harness) -> None:
+    agent = h.agent("lint", 1)
+    h.push("lint", 1)
+    h.push("lint", 2)
+    assert [t.corr for t in h.tasks_before_marker(agent, 100)] == [1]
+    h.result(agent, 999)  # unknown dispatch: still forwarded (the coordinator judges it), no credit back
+    assert h.coord.recv_until(lambda f: f.type == MsgType.RESULT).corr == 999
+    assert h.tasks_before_marker(agent, 101) == []
+
+
+def test_dispatch_prefers_the_agent_holding_fewest_then_round_robin(h: Harness) -> None:
+    x = h.agent("test", 5)
+    h.push("test", 1)
+    h.push("test", 2)
+    assert [t.corr for t in h.tasks_before_marker(x, 100)] == [1, 2]
+    y = h.agent("test", 5)
+    for did in (3, 4, 5, 6):
+        h.push("test", did)
+    got_x = [t.corr for t in h.tasks_before_marker(x, 101)]
+    got_y = [t.corr for t in h.tasks_before_marker(y, 102)]
+    # y held none: it takes 3 and 4 (fewest held); then both hold 2, so 5 and 6 go one to each.
+    assert got_y[:2] == [3, 4]
+    assert sorted(got_x + got_y) == [3, 4, 5, 6]
+    assert (len(got_x), len(got_y)) == (1, 3)
+
+
+def test_ties_on_held_tasks_rotate_round_robin(h: Harness) -> None:
+    a, b = h.agent("rr", 10), h.agent("rr", 10)
+    winners = []
+    for did in range(1, 5):
+        h.push("rr", did)
+        got_a = h.tasks_before_marker(a, 100 + did)
+        got_b = h.tasks_before_marker(b, 200 + did)
+        assert len(got_a) + len(got_b) == 1
+        winner = a if got_a else b
+        winners.append(winner.ep)
+        h.result(winner, did)
+        h.coord.recv_until(lambda f, did=did: f.type == MsgType.RESULT and f.corr == did, what="RESULT")
+    assert winners[0] != winners[1] and winners[0::2] == [winners[0]] * 2 and winners[1::2] == [winners[1]] * 2
+
+
+def test_critical_tasks_are_dispatched_before_normal_ones(h: Harness) -> None:
+    agent = h.agent("deploy", 1)
+    h.push("deploy", 1)
+    assert [t.corr for t in h.tasks_before_marker(agent, 100)] == [1]
+    h.push("deploy", 2, priority=NORMAL)
+    h.push("deploy", 3, priority=NORMAL)
+    h.push("deploy", 4, priority=CRITICAL)
+    order = []
+    for done in (1, 4, 2):
+        h.result(agent, done)
+        order.append(agent.recv_until(lambda f: f.type == MsgType.TASK, what="next task").corr)
+    assert order == [4, 2, 3]
+
+
+def test_revoke_drops_a_queued_task_and_says_whether_it_was_found(h: Harness) -> None:
+    for did in (1, 2, 3):
+        h.push("docs", did)
+    h.coord.ctl(MsgType.CTL_REVOKE, protocol.CTL_REVOKE.pack(protocol.queue_id("docs"), 2), corr=50)
+    r = h.coord.recv_until(lambda f: is_reply(f, MsgType.CTL_REVOKE, 50), what="revoke reply")
+    assert not r.flags & F_ERROR and r.obj() == [2, 1]
+    h.coord.ctl(MsgType.CTL_REVOKE, protocol.CTL_REVOKE.pack(protocol.queue_id("docs"), 2), corr=51)
+    assert h.coord.recv_until(lambda f: is_reply(f, MsgType.CTL_REVOKE, 51)).obj() == [2, 0]
+    h.coord.ctl(MsgType.CTL_REVOKE, protocol.CTL_REVOKE.pack(protocol.queue_id("nowhere"), 1), corr=52)
+    assert h.coord.recv_until(lambda f: is_reply(f, MsgType.CTL_REVOKE, 52)).obj() == [1, 0]
+    agent = h.agent("docs", 10)
+    assert [t.corr for t in h.tasks_before_marker(agent, 100)] == [1, 3]
+    # A dispatched task can no longer be revoked.
+    h.coord.ctl(MsgType.CTL_REVOKE, protocol.CTL_REVOKE.pack(protocol.queue_id("docs"), 1), corr=53)
+    assert h.coord.recv_until(lambda f: is_reply(f, MsgType.CTL_REVOKE, 53)).obj() == [1, 0]
+
+
+def test_pause_stops_dispatch_but_not_other_traffic_and_resume_restarts_it(h: Harness) -> None:
+    h.coord.ctl(MsgType.CTL_PAUSE, protocol.CTL_PAUSE.pack(1))
+    agent = h.agent("ops", 2)
+    h.push("ops", 1)
+    h.push("ops", 2)
+    assert h.tasks_before_marker(agent, 100) == []  # the marker (a DIRECT) still flows while paused
+    h.coord.ctl(MsgType.CTL_PAUSE, protocol.CTL_PAUSE.pack(0))
+    got = [agent.recv_until(lambda f: f.type == MsgType.TASK, what="task after resume").corr for _ in range(2)]
+    assert got == [1, 2]
+
+
+def test_pause_holds_the_next_task_after_a_result(h: Harness) -> None:
+    agent = h.agent("ops2", 1)
+    h.push("ops2", 1)
+    h.push("ops2", 2)
+    assert [t.corr for t in h.tasks_before_marker(agent, 100)] == [1]
+    h.coord.ctl(MsgType.CTL_PAUSE, protocol.CTL_PAUSE.pack(1))
+    h.result(agent, 1)
+    h.coord.recv_until(lambda f: f.type == MsgType.RESULT, what="RESULT")
+    assert h.tasks_before_marker(agent, 101) == []
+    h.coord.ctl(MsgType.CTL_PAUSE, protocol.CTL_PAUSE.pack(0))
+    assert agent.recv_until(lambda f: f.type == MsgType.TASK).corr == 2
+
+
+def test_ctl_agent_queue_zero_stops_serving(h: Harness) -> None:
+    agent = h.agent("q0", 3)
+    h.set_agent(agent, None, 0)
+    h.push("q0", 1)
+    assert h.tasks_before_marker(agent, 100) == []
+    h.set_agent(agent, "q0", 3)
+    assert agent.recv_until(lambda f: f.type == MsgType.TASK).corr == 1
+
+
+def test_ep_closed_lists_the_dispatches_without_a_result(h: Harness) -> None:
+    agent = h.agent("crash", 2)
+    for did in (1, 2, 3):
+        h.push("crash", did)
+    assert [t.corr for t in h.tasks_before_marker(agent, 100)] == [1, 2]
+    h.result(agent, 1)
+    assert agent.recv_until(lambda f: f.type == MsgType.TASK).corr == 3
+    ep = agent.ep
+    agent.sock.close()
+    closed = h.coord.recv_until(lambda f: f.type == MsgType.EP_CLOSED and f.source == ep, what="EP_CLOSED")
+    assert closed.destination == COORD
+    assert sorted(closed.obj()) == [2, 3]
+    # The closed agent is out of the queue: a new task waits for a new agent.
+    h.push("crash", 4)
+    other = h.agent("crash", 1)
+    assert other.recv_until(lambda f: f.type == MsgType.TASK).corr == 4
+
+
+def test_ep_closed_for_a_plain_client_is_empty(h: Harness) -> None:
+    a = h.connect()
+    a.sock.close()
+    closed = h.coord.recv_until(lambda f: f.type == MsgType.EP_CLOSED and f.source == a.ep, what="EP_CLOSED")
+    assert closed.obj() == []
+
+
+def test_ctl_close_flushes_then_closes(h: Harness) -> None:
+    a, b = h.connect(), h.connect()
+    h.coord.send([coord_frame(MsgType.DIRECT, destination=a.ep, payload=b"last words")])
+    h.coord.ctl(MsgType.CTL_CLOSE, protocol.CTL_CLOSE.pack(a.ep))
+    before = a.wait_eof()
+    assert [f.payload for f in before if f.type == MsgType.DIRECT] == [b"last words"]
+    h.coord.recv_until(lambda f: f.type == MsgType.EP_CLOSED and f.source == a.ep, what="EP_CLOSED")
+    b.ping(7)  # others are unaffected
+    b.send(MsgType.DIRECT, destination=a.ep, corr=8, payload=b"?")
+    expect_error(b, MsgType.DIRECT, 8, "no_such_endpoint")
+
+
+# --- permissions and errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("type", "payload"),
+    [
+        (MsgType.TASK, b""),
+        (MsgType.CTL_AGENT, protocol.CTL_AGENT.pack(0, 1, 1)),
+        (MsgType.CTL_CLOSE, protocol.CTL_CLOSE.pack(0)),
+        (MsgType.CTL_REVOKE, protocol.CTL_REVOKE.pack(1, 1)),
+        (MsgType.CTL_PAUSE, protocol.CTL_PAUSE.pack(1)),
+        (MsgType.CTL_STATS, b""),
+        (MsgType.CTL_SHUTDOWN, b""),
+    ],
+)
+def test_tasks_and_controls_from_a_client_are_forbidden(h: Harness, type: int, payload: bytes) -> None:
+    a = h.connect()
+    b = h.connect()
+    a.send(type, corr=60, destination=b.ep, payload=payload)
+    expect_error(a, type, 60, "forbidden")
+    a.ping(61)  # the stream goes on, the router too
+    assert h.coord.alive()
+    b.ping(62)
+    assert not [f for f in b.pending if f.type == type]
+
+
+def test_unknown_type_is_answered_and_the_stream_continues(h: Harness) -> None:
+    a = h.connect()
+    a.send(99, corr=70, payload=b"??")
+    expect_error(a, 99, 70, "unknown_type")
+    a.send(99, corr=0, payload=b"??")
+    expect_error(a, 99, 0, "unknown_type")
+    assert a.ping(71).payload == b"barrier"
+
+
+def test_bad_magic_gets_bad_frame_and_a_close_while_others_carry_on(h: Harness) -> None:
+    bad, good = h.connect(), h.connect()
+    bad.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+    frames = bad.wait_eof()
+    errs = [f for f in frames if f.flags & F_ERROR]
+    assert len(errs) == 1 and errs[0].obj()["code"] == "bad_frame", frames
+    h.coord.recv_until(lambda f: f.type == MsgType.EP_CLOSED and f.source == bad.ep, what="EP_CLOSED")
+    assert good.ping(80).payload == b"barrier"
+
+
+def test_oversize_frame_gets_too_large_and_a_close(h: Harness) -> None:
+    big, good = h.connect(), h.connect()
+    big.send_raw(too_large_header(MsgType.DIRECT, 90, MAX_PAYLOAD + 1))
+    frames = big.wait_eof()
+    assert len(frames) == 1, frames
+    err = frames[0]
+    assert err.type == MsgType.DIRECT and err.corr == 90 and err.flags == F_REPLY | F_ERROR
+    assert err.obj()["code"] == "too_large"
+    h.coord.recv_until(lambda f: f.type == MsgType.EP_CLOSED and f.source == big.ep, what="EP_CLOSED")
+    assert good.ping(91).payload == b"barrier"
+
+
+def test_a_frame_of_exactly_max_payload_is_fine(h: Harness) -> None:
+    a, b = h.connect(), h.connect()
+    body = os.urandom(MAX_PAYLOAD)
+    a.send(MsgType.DIRECT, destination=b.ep, payload=body)
+    assert b.recv_until(lambda f: f.type == MsgType.DIRECT).payload == body
+
+
+def test_frames_split_across_writes_are_reassembled(h: Harness) -> None:
+    a, b = h.connect(), h.connect()
+    data = b"".join(frame(MsgType.DIRECT, destination=b.ep, corr=i, payload=bytes([i]) * (i * 300)) for i in range(20))
+    for i in range(0, len(data), 1000):
+        a.send_raw(data[i : i + 1000])
+    got = [b.recv_until(lambda f: f.type == MsgType.DIRECT).corr for _ in range(20)]
+    assert got == list(range(20))
+
+
+def test_ping_echoes_the_payload(h: Harness) -> None:
+    a = h.connect()
+    a.send(MsgType.PING, corr=33, priority=wire.Priority.HIGH, payload=b"\x01\x02echo")
+    f = a.recv_until(lambda f: is_reply(f, MsgType.PING, 33), what="PING reply")
+    assert f.payload == b"\x01\x02echo" and not f.flags & F_ERROR and f.destination == a.ep
+
+
+def test_ctl_stats_replies_router_stats(h: Harness) -> None:
+    a = h.connect()
+    a.ping(1)
+    h.coord.ctl(MsgType.CTL_STATS, corr=44)
+    f = h.coord.recv_until(lambda f: is_reply(f, MsgType.ROUTER_STATS, 44), what="ROUTER_STATS")
+    stats = f.obj()
+    assert isinstance(stats, dict) and stats
+    assert all(isinstance(k, str) and isinstance(v, int) for k, v in stats.items()), stats
+
+
+def test_ctl_shutdown_closes_everyone_and_stops(h: Harness) -> None:
+    a, b = h.connect(), h.connect()
+    h.coord.ctl(MsgType.CTL_SHUTDOWN)
+    a.wait_eof()
+    b.wait_eof()
+    deadline = time.monotonic() + 10
+    while h.coord.alive():
+        assert time.monotonic() < deadline, "router still alive after CTL_SHUTDOWN"
+        h.coord.wait_gone(max(0.01, deadline - time.monotonic()))
+    h.coord.wait_gone()
+    # The listening socket is the daemon's: still open after the router stopped.
+    assert h.listener.fileno() >= 0 and os.fstat(h.listener.fileno())
+
+
+def test_slow_consumer_is_closed_and_reported(h: Harness) -> None:
+    slow, other = h.connect(), h.connect()
+    chunk = [coord_frame(MsgType.DIRECT, destination=slow.ep, payload=b"x" * 60_000)] * 16
+    sent = 0
+    closed = None
+    while closed is None:
+        assert sent < 512 << 20, "a client that never reads was never closed"
+        h.coord.send(chunk)
+        sent += 16 * 60_000
+        closed = h.coord.poll(lambda f: f.type == MsgType.EP_CLOSED and f.source == slow.ep, 0.01)
+    assert other.ping(5).payload == b"barrier"
+    log = [f.obj() for f in h.coord.pending if f.type == MsgType.ROUTER_LOG]
+    assert all(isinstance(level, str) and isinstance(msg, str) for level, msg in log)
+
+
+# --- peer credentials -------------------------------------------------------------------------------------
+
+def _as_nobody(path: str) -> tuple[int, int]:
+    """Fork a child that drops to uid/gid 65534, connects to path and copies what it reads (until EOF) to a
+    pipe.  Returns (pid, read end).  fork, not exec: the interpreter under /root is not readable by nobody."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(20)
+            s.connect(path)
+            while chunk := s.recv(65536):
+                os.write(wfd, chunk)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    return pid, rfd
+
+
+def _collect(pid: int, rfd: int, timeout: float = 20.0) -> bytes:
+    """Everything the child read, once it exited 0 (fails on a timeout or another exit status)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    reaped = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, "the child never saw the router close its connection"
+            ready, _, _ = select.select([rfd], [], [], left)
+            if ready:
+                chunk = os.read(rfd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                reaped = True
+                assert os.waitstatus_to_exitcode(status) == 0
+                return data
+            assert time.monotonic() < deadline, "the child did not exit"
+            select.select([], [], [], 0.01)
+    finally:
+        os.close(rfd)
+        if not reaped and not os.waitpid(pid, os.WNOHANG)[0]:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+
+
+def _open_socket_to_everyone(h: Harness) -> None:
+    os.chmod(os.path.dirname(h.path), 0o755)
+    os.chmod(h.path, 0o666)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+def test_a_peer_with_another_uid_is_refused(h: Harness) -> None:
+    _open_socket_to_everyone(h)
+    data = _collect(*_as_nobody(h.path))
+    frames = [Frame(hd, p) for hd, p in wire.FrameStream(0).feed(data)]
+    assert len(frames) == 1, frames
+    f = frames[0]
+    assert f.type == MsgType.HELLO and f.corr == 0 and f.flags == F_REPLY | F_ERROR
+    assert f.obj()["code"] == "refused"
+    # No EP_OPEN for it: the next endpoint the coordinator hears of is the next client, and it gets n = 2.
+    a = h.connect()
+    assert a.ep == (GEN << 32) | 2
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+def test_a_peer_in_the_allowed_group_is_accepted(short_tmp: Path,
+                                                 make_link: Callable[[RouterOptions], RouterLink]) -> None:
+    hh = Harness(str(short_tmp), make_link, generation=GEN, max_payload=MAX_PAYLOAD, allowed_gid=65534).start()
+    try:
+        _open_socket_to_everyone(hh)
+        pid, rfd = _as_nobody(hh.path)
+        opened = hh.coord.recv_until(lambda f: f.type == MsgType.EP_OPEN, what="EP_OPEN of the group member")
+        assert opened.obj() == [pid, 65534, 65534]
+        hh.coord.ctl(MsgType.CTL_CLOSE, protocol.CTL_CLOSE.pack(opened.source))
+        assert _collect(pid, rfd) == b""
+    finally:
+        hh.close()
+
+
+# --- rings ------------------------------------------------------------------------------------------------
+
+
+def test_ring_setup_passes_four_descriptors_or_says_unavailable(h: Harness) -> None:
+    a = h.connect()
+    a.send(MsgType.RING_SETUP, corr=12, destination=1 << 16)
+    f = a.recv_until(lambda f: f.corr == 12 and bool(f.flags & F_REPLY), what="RING_SETUP answer")
+    if not native.AVAILABLE:
+        assert f.type == MsgType.RING_SETUP and f.flags & F_ERROR and f.obj()["code"] == "ring_unavailable"
+        return
+    assert f.type == MsgType.RING_READY and not f.flags & F_ERROR and f.payload == b""
+    assert len(a.fds) == 4, a.fds
+    c2r_fd, r2c_fd, c2r_bell, r2c_bell = a.fds
+    assert stat.S_ISREG(os.fstat(c2r_fd).st_mode) and stat.S_ISREG(os.fstat(r2c_fd).st_mode)  # memfds
+    assert os.readlink(f"/proc/self/fd/{c2r_bell}") == "anon_inode:[eventfd]"
+    assert os.readlink(f"/proc/self/fd/{r2c_bell}") == "anon_inode:[eventfd]"
+    # The rings carry frames: a CRITICAL PING in through c2r, its CRITICAL reply out through r2c.
+    with native.Ring.attach(c2r_fd, native.PRODUCER) as c2r, native.Ring.attach(r2c_fd, native.CONSUMER) as r2c:
+        c2r.write(frame(MsgType.PING, priority=CRITICAL, corr=13, payload=b"via ring"))
+        os.eventfd_write(c2r_bell, 1)
+        recs = r2c.read_batch(timeout=5.0)
+        assert recs, "no reply through the r2c ring"
+        reply = parse(bytes(recs[0]))
+        assert is_reply(reply, MsgType.PING, 13) and reply.payload == b"via ring"
+        # NORMAL frames keep using the socket.
+        assert a.ping(14).payload == b"barrier"
+
+
+def test_ring_setup_rejects_a_bad_capacity(h: Harness) -> None:
+    a = h.connect()
+    a.send(MsgType.RING_SETUP, corr=15, destination=12345)
+    expect_error(a, MsgType.RING_SETUP, 15, "ring_unavailable")
+    assert a.fds == []
