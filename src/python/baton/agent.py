@@ -39,11 +39,16 @@ from baton.client import _AsyncConnection, hello_payload, pack, resolve_socket_p
 from baton.client_errors import ConnectionLost, DaemonNotRunning, Refused, RemoteError, RequestTimeout
 from baton.protocol import MsgType
 
-__all__ = ["Agent", "AgentTask", "Handler"]
+__all__ = ["Agent", "AgentTask", "Handler", "TaskFailed"]
 
 log = logging.getLogger("baton.agent")
 
 _ACK_WAIT_S: Final = 5.0  # at stop, how long to wait for the acknowledgements of the last results
+
+
+class TaskFailed(Exception):
+    """Raise from a handler to fail the attempt with exactly this text as the error (any other exception
+    fails it with ``<type>: <message>``)."""
 
 
 class AgentTask:
@@ -376,6 +381,8 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - any handler failure is the task's failure
             if isinstance(exc, TimeoutError) and task.timeout_s:
                 text = f"timed out after {task.timeout_s}s"
+            elif isinstance(exc, TaskFailed):
+                text = str(exc)
             else:
                 text = f"{type(exc).__name__}: {exc}"
             log.info("task %s failed: %s", task.id, text)
