@@ -72,7 +72,8 @@ class Frame:
         except ValueError:
             name = str(self.type)
         body = self.payload[:60]
-        return f"<Frame {name} flags={self.flags:#x} src={self.source:#x} dst={self.destination:#x} corr={self.corr} {body!r}>"
+        return (f"<Frame {name} flags={self.flags:#x} src={self.source:#x} dst={self.destination:#x} "
+                f"corr={self.corr} {body!r}>")
 
 
 def frame(
@@ -124,7 +125,9 @@ class _Inbox:
                 return got
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what or 'a frame'}; held: {self.pending}")
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what or 'a frame'}; held: {self.pending}"
+                )
             self._read(left)
 
     def poll(self, pred: Callable[[Frame], bool], timeout: float) -> Frame | None:
@@ -139,7 +142,9 @@ class _Inbox:
         """The oldest frame not yet claimed."""
         return self.recv_until(lambda f: True, timeout, "any frame")
 
-    def drain_until(self, pred: Callable[[Frame], bool], timeout: float = DEFAULT_TIMEOUT, what: str = "") -> list[Frame]:
+    def drain_until(
+        self, pred: Callable[[Frame], bool], timeout: float = DEFAULT_TIMEOUT, what: str = ""
+    ) -> list[Frame]:
         """Every frame up to and including the first matching pred, in arrival order (all claimed)."""
         out: list[Frame] = []
         deadline = time.monotonic() + timeout

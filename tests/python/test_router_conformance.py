@@ -75,6 +75,10 @@ def is_reply(f: Frame, type: int, corr: int) -> bool:
     return f.type == type and f.corr == corr and bool(f.flags & F_REPLY)
 
 
+def reply_to(type: int, corr: int) -> Callable[[Frame], bool]:
+    return lambda f: is_reply(f, type, corr)
+
+
 def expect_error(c: Client, type: int, corr: int, code: str) -> Frame:
     f = c.recv_until(lambda f: is_reply(f, type, corr), what=f"{code} reply to type {type}")
     assert f.flags & F_ERROR, f
@@ -164,7 +168,7 @@ def test_publish_reaches_subscribers_and_unsubscribe_stops_it(h: Harness) -> Non
     topic = protocol.topic_id("news")
     for i, x in enumerate((a, b)):
         x.send(MsgType.SUBSCRIBE, destination=topic, corr=10 + i)
-        ack = x.recv_until(lambda f, i=i: is_reply(f, MsgType.SUBSCRIBE, 10 + i), what="SUBSCRIBE ack")
+        ack = x.recv_until(reply_to(MsgType.SUBSCRIBE, 10 + i), what="SUBSCRIBE ack")
         assert not ack.flags & F_ERROR and ack.payload == b""
     c.send(MsgType.PUBLISH, destination=topic, payload=b"one")
     for x in (a, b):
@@ -179,8 +183,8 @@ def test_publish_reaches_subscribers_and_unsubscribe_stops_it(h: Harness) -> Non
     a.send(MsgType.PUBLISH, destination=topic, payload=b"two")  # a is subscribed: it gets its own
     assert a.recv_until(lambda f: f.type == MsgType.PUBLISH, what="own publication").payload == b"two"
     a.send(MsgType.DIRECT, destination=b.ep, corr=3, payload=b"after")  # same sender, same priority: after
-    got = b.drain_until(lambda f: f.type == MsgType.DIRECT, what="barrier")
-    assert [f.type for f in got] == [MsgType.DIRECT], got
+    seen = b.drain_until(lambda f: f.type == MsgType.DIRECT, what="barrier")
+    assert [f.type for f in seen] == [MsgType.DIRECT], seen
 
 
 def test_subscribe_without_corr_is_not_acknowledged(h: Harness) -> None:
@@ -197,7 +201,7 @@ def test_multicast_reaches_members_but_not_the_sender_and_leave_stops_it(h: Harn
     group = protocol.group_id("crew")
     for i, x in enumerate((a, b, c)):
         x.send(MsgType.JOIN, destination=group, corr=30 + i)
-        x.recv_until(lambda f, i=i: is_reply(f, MsgType.JOIN, 30 + i), what="JOIN ack")
+        x.recv_until(reply_to(MsgType.JOIN, 30 + i), what="JOIN ack")
     a.send(MsgType.MULTICAST, destination=group, payload=b"hi")
     for x in (b, c):
         got = x.recv_until(lambda f: f.type == MsgType.MULTICAST, what="multicast")
@@ -210,8 +214,8 @@ def test_multicast_reaches_members_but_not_the_sender_and_leave_stops_it(h: Harn
     a.send(MsgType.MULTICAST, destination=group, payload=b"again")
     assert b.recv_until(lambda f: f.type == MsgType.MULTICAST, what="multicast").payload == b"again"
     a.send(MsgType.DIRECT, destination=c.ep, corr=4, payload=b"after")
-    got = c.drain_until(lambda f: f.type == MsgType.DIRECT, what="barrier")
-    assert [f.type for f in got] == [MsgType.DIRECT], got
+    seen = c.drain_until(lambda f: f.type == MsgType.DIRECT, what="barrier")
+    assert [f.type for f in seen] == [MsgType.DIRECT], seen
 
 
 def test_broadcast_skips_the_sender_and_the_coordinator(h: Harness) -> None:
@@ -223,8 +227,8 @@ def test_broadcast_skips_the_sender_and_the_coordinator(h: Harness) -> None:
     a.ping(3)
     assert not [f for f in a.pending if f.type == MsgType.BROADCAST]
     a.send(MsgType.CALL, destination=COORD, corr=8, obj={"op": "pulse", "args": {}})
-    got = h.coord.drain_until(lambda f: f.type == MsgType.CALL, what="CALL barrier")
-    assert not [f for f in got if f.type == MsgType.BROADCAST], got
+    seen = h.coord.drain_until(lambda f: f.type == MsgType.CALL, what="CALL barrier")
+    assert not [f for f in seen if f.type == MsgType.BROADCAST], seen
 
 
 # --- work queues ------------------------------------------------------------------------------------------
@@ -283,6 +287,10 @@ def test_dispatch_prefers_the_agent_holding_fewest_then_round_robin(h: Harness) 
     assert (len(got_x), len(got_y)) == (1, 3)
 
 
+def _result_of(did: int) -> Callable[[Frame], bool]:
+    return lambda f: f.type == MsgType.RESULT and f.corr == did
+
+
 def test_ties_on_held_tasks_rotate_round_robin(h: Harness) -> None:
     a, b = h.agent("rr", 10), h.agent("rr", 10)
     winners = []
@@ -294,7 +302,7 @@ def test_ties_on_held_tasks_rotate_round_robin(h: Harness) -> None:
         winner = a if got_a else b
         winners.append(winner.ep)
         h.result(winner, did)
-        h.coord.recv_until(lambda f, did=did: f.type == MsgType.RESULT and f.corr == did, what="RESULT")
+        h.coord.recv_until(_result_of(did), what="RESULT")
     assert winners[0] != winners[1] and winners[0::2] == [winners[0]] * 2 and winners[1::2] == [winners[1]] * 2
 
 
