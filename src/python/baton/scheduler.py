@@ -813,6 +813,89 @@ class Scheduler:
             heapq.heappush(self._leases, (exp, rec.seq, rec.token, task_id))
             return exp
 
+    def heartbeat_many(
+        self, items: Iterable[tuple[str, int]], *, lease_s: float | None = None
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        """``heartbeat`` for a batch in one transaction (an agent reports every task it holds at once).
+
+        Returns (new expiry per renewed task, reason per refused task); a refusal leaves the others renewed.
+        """
+        lease = self.config.lease_s if lease_s is None else lease_s
+        renewed: dict[str, float] = {}
+        refused: dict[str, str] = {}
+        with self.transaction():
+            now = self.clock()
+            self._expire(now)
+            for task_id, token in items:
+                try:
+                    rec = self._check_holder(task_id, token)
+                except (UnknownTask, InvalidTransition, StaleLease) as exc:
+                    refused[task_id] = str(exc)
+                    continue
+                exp = now + lease
+                if rec.timeout is not None:
+                    exp = min(exp, rec.started + rec.timeout)  # type: ignore[operator]
+                rec.expires = exp
+                rec.updated = now
+                self._touch(rec)
+                heapq.heappush(self._leases, (exp, rec.seq, rec.token, task_id))
+                renewed[task_id] = exp
+        return renewed, refused
+
+    def release(self, task_id: str, fencing_token: int, *, reason: str, count_attempt: bool) -> Status:
+        """Give a running task back to ready before its lease ends; see ``release_many``.  Returns the task's
+        new status (ready, or dead_lettered when a counted attempt was its last).  Stale tokens raise."""
+        with self.transaction():
+            self._expire(self.clock())
+            self._check_holder(task_id, fencing_token)
+            self.release_many([(task_id, fencing_token)], reason=reason, count_attempt=count_attempt)
+            return _STATUS[self._by_id[task_id].status]
+
+    def release_many(
+        self, items: Iterable[tuple[str, int]], *, reason: str, count_attempt: bool
+    ) -> dict[str, str]:
+        """Return running tasks to ready at once, in one transaction (the holder is gone or never started).
+
+        ``count_attempt=True`` (the agent holding it was lost): the attempt counts like an expired lease, is
+        recorded in the history with outcome ``lease_expired`` and ``reason`` as the error, and a task out of
+        attempts is dead-lettered.  ``count_attempt=False`` (the task never reached a worker: queued in a
+        router, or a drain): the claim is undone as if it never happened (attempts back down, no history)
+        and the task keeps its place in the queue (its original ready time).  Items whose task is not running
+        under that token are skipped.  Returns the new status of each task released.
+        """
+        out: dict[str, str] = {}
+        with self.transaction():
+            now = self.clock()
+            self._expire(now)
+            by_id = self._by_id
+            for task_id, token in items:
+                rec = by_id.get(task_id)
+                if rec is None or rec.status != _RUNNING or rec.token != token:
+                    continue
+                if count_attempt:
+                    log.info("released %s (holder %s, token %d): %s", task_id, rec.holder, token, reason)
+                    rec.history = (*rec.history, _attempt(rec, now, "lease_expired", reason))
+                    if rec.attempts >= rec.max_attempts:
+                        self._to_dead(rec, Status.DEAD_LETTERED, f"{reason}; attempts exhausted", now)
+                        out[task_id] = rec.status
+                        continue
+                    rec.error = reason
+                else:
+                    rec.attempts -= 1
+                rec.holder = rec.expires = None
+                self._set(rec, _READY, now)
+                out[task_id] = rec.status
+        return out
+
+    def has_ready(self, agent_type: str) -> bool:
+        """A cheap hint for dispatchers (no transaction): False means ``claim_many(agent_type, ...)`` would
+        find nothing now; True means it may (queue entries can be stale, and delayed retries of any type
+        count)."""
+        if self._ready.get(agent_type):
+            return True
+        d = self._delayed
+        return bool(d) and d[0][0] <= self.clock()
+
     def _check_holder(self, task_id: str, token: int) -> TaskRecord:
         rec = self._get(task_id)
         if rec.status != _RUNNING:
