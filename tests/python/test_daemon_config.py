@@ -79,6 +79,7 @@ def test_defaults_with_nothing_configured(home: Path) -> None:
     assert (cfg.drain_timeout_s, cfg.lease_s, cfg.wip_per_agent_type) == (30.0, 30.0, 3)
     assert cfg.max_frame_bytes == 16 * 1024 * 1024 == wire.MAX_PAYLOAD_DEFAULT
     assert cfg.allowed_gid is None
+    assert cfg.router == "native"
 
 
 def test_xdg_directories_are_used_when_set_and_absolute(tmp_path: Path, home: Path) -> None:
@@ -192,6 +193,7 @@ ENV_SAMPLES: dict[str, tuple[str, Any]] = {
     "wip_per_agent_type": (" 7 ", 7),
     "max_frame_bytes": ("1048576", 1 << 20),
     "allowed_gid": ("1000", 1000),
+    "router": (" Python", "python"),
 }
 
 
@@ -201,6 +203,16 @@ def test_every_setting_has_an_environment_variable(field: str, home: Path) -> No
     name = ENV_NAMES[field]
     assert name == ("BATON_SOCKET" if field == "socket_path" else f"BATON_{field.upper()}")
     assert getattr(load_config(None, {"HOME": str(home), name: text}, {}), field) == expected
+
+
+def test_router_choice_is_native_or_python(tmp_path: Path, home: Path) -> None:
+    env = {"HOME": str(home)}
+    assert load_config(None, env, {"router": "python"}).router == "python"
+    path = tmp_path / "b.toml"
+    path.write_text('router = "NATIVE"\n')
+    assert load_config(path, env, {}).router == "native"
+    msg = config_error(None, {**env, "BATON_ROUTER": "c"}, {})
+    assert "BATON_ROUTER" in msg and "router" in msg and "'native' or 'python'" in msg
 
 
 def test_an_empty_environment_variable_counts_as_unset(home: Path) -> None:

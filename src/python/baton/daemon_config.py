@@ -48,6 +48,7 @@ __all__ = [
 SOCKET_PATH_MAX: Final = 107
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+RouterKind = Literal["native", "python"]
 
 
 def _to_path(value: Any) -> Path:
@@ -92,6 +93,9 @@ class DaemonConfig(BaseModel):
     max_frame_bytes: int = Field(default=wire.MAX_PAYLOAD_DEFAULT, ge=1, le=wire.MAX_PAYLOAD_LIMIT)
     # A group whose members may connect besides the daemon's own user; None: the owner only.
     allowed_gid: int | None = Field(default=None, ge=0)
+    # Which data plane serves the socket: libbaton's C router in a child process, or the pure-Python router
+    # inside the daemon (PYTHON_ONLY; also what a machine without the native library has to use).
+    router: Annotated[RouterKind, BeforeValidator(_lower)] = "native"
 
     @model_validator(mode="before")
     @classmethod
