@@ -190,7 +190,7 @@ class _Queue:
 class _Ring:
     """The router's ends of a client's shared-memory ring pair and their doorbells."""
 
-    __slots__ = ("c2r", "r2c", "c2r_bell", "r2c_bell", "c2r_map", "r2c_map", "backlog")
+    __slots__ = ("c2r", "r2c", "c2r_bell", "r2c_bell", "c2r_map", "r2c_map", "backlog", "max_record")
 
     def __init__(self, c2r: Any, r2c: Any, c2r_bell: int, r2c_bell: int) -> None:
         self.c2r = c2r
@@ -203,6 +203,7 @@ class _Ring:
         self.r2c_map = mmap.mmap(r2c.fd, 512)
         struct.pack_into("<I", self.c2r_map, _WAITERS_OFF, 1)
         self.backlog: deque[bytes] = deque()  # CRITICAL/HIGH frames waiting for room in r2c, in order
+        self.max_record = int(r2c.stats()["max_record"])
 
     def close(self) -> None:
         for m in (self.c2r_map, self.r2c_map):
@@ -830,7 +831,9 @@ class PythonRouterLink:
         if conn is None or conn.closing:
             return False
         ring = conn.ring
-        if ring is not None and priority <= _HIGH:
+        # A frame larger than one ring record can never enter the ring: it takes the socket (the one case
+        # where a CRITICAL/HIGH frame may overtake an earlier one of its priority) rather than end the client.
+        if ring is not None and priority <= _HIGH and len(frame) <= ring.max_record:
             ring.backlog.append(frame)
         else:
             conn.out[priority].append(frame)
