@@ -226,10 +226,12 @@ class Client(_Inbox):
 class LinkDriver(_Inbox):
     """The test's coordinator: a RouterLink started in a private event loop on a background thread."""
 
-    def __init__(self, make_link: Callable[[], RouterLink], use_uvloop: bool = True) -> None:
+    def __init__(self, make_link: Callable[[], RouterLink], use_uvloop: bool | None = None) -> None:
         super().__init__()
         self._make = make_link
         loop: asyncio.AbstractEventLoop | None = None
+        if use_uvloop is None:  # BATON_TEST_LOOP=asyncio runs the link on the stdlib loop instead
+            use_uvloop = os.environ.get("BATON_TEST_LOOP", "uvloop") != "asyncio"
         if use_uvloop:
             try:
                 import uvloop
