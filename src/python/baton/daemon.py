@@ -1,0 +1,290 @@
+"""``baton serve``: the daemon process (docs/daemon.md).
+
+Start-up, in order: configuration -> JSON logs -> state directory and the task store -> the socket's private
+directory -> the instance lock -> remove a stale socket -> bind and listen (0600) -> the router (native child
+process, or the Python router in this loop) -> the coordinator -> READY=1 to ``$NOTIFY_SOCKET``.
+
+Signals: SIGTERM/SIGINT drain (STOPPING=1; no new work; running tasks get up to drain_timeout_s; the rest go
+back to ready without an attempt counted; the router shuts down; exit 0).  SIGHUP reloads the configuration
+(log_level, wip_per_agent_type, lease_s and drain_timeout_s change live; other changes are logged as needing
+a restart).  A router that dies ends the daemon with exit status 1 (issue 5 brings failover).
+
+Exit statuses: 0 clean stop, 1 could not run (already running, unsafe socket directory, bind failure, router
+death), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from baton.daemon_config import FLAG_NAMES, ConfigError, DaemonConfig, load_config
+from baton.jsonlog import configure_logging
+from baton.sd_notify import notify
+
+if TYPE_CHECKING:
+    from baton.router import RouterLink
+
+__all__ = ["serve", "main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+
+log = logging.getLogger("baton.daemon")
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1  # could not run, or stopped abnormally (already running, router died)
+EXIT_USAGE: Final = 2  # bad configuration or command line
+
+# Settings a SIGHUP applies at once; any other change is reported as needing a restart.
+LIVE_SETTINGS: Final = ("log_level", "wip_per_agent_type", "lease_s", "drain_timeout_s")
+_LISTEN_BACKLOG: Final = 512
+
+
+class StartupError(Exception):
+    """A reason not to start, with the exit status to use; the message is for people."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def serve(config_path: str | None, overrides: Mapping[str, object]) -> int:
+    """Run the daemon until it is stopped; returns the process exit status.
+
+    ``overrides`` are the ``baton serve`` flags keyed by setting name (daemon_config.FLAG_NAMES; None means
+    "not given").
+    """
+    env = os.environ
+    path = Path(config_path) if config_path else None
+    try:
+        config = load_config(path, env, dict(overrides))
+    except ConfigError as exc:
+        print(f"baton serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(config.log_level)
+    import uvloop
+
+    try:
+        return uvloop.run(_Daemon(config, path, dict(overrides)).run())
+    except StartupError as exc:
+        print(f"baton serve: {exc}", file=sys.stderr)
+        log.error("%s", exc)
+        return exc.status
+    except KeyboardInterrupt:  # a second Ctrl-C before the handlers were installed
+        return EXIT_FAILURE
+
+
+def _bind(path: Path) -> socket.socket:
+    """Listen on ``path`` with mode 0600 from the first moment (umask around bind, not chmod after it)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(_LISTEN_BACKLOG)
+    return sock
+
+
+def _next_generation(state_dir: Path) -> int:
+    """A per-start counter (high 32 bits of endpoint ids): ids are never reused across restarts."""
+    p = state_dir / "router.generation"
+    try:
+        n = int(p.read_text().strip() or 0)
+    except (OSError, ValueError):
+        n = 0
+    n = (n % 0xFFFF_FFFF) + 1
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(f"{n}\n")
+    os.replace(tmp, p)
+    return n
+
+
+class _Daemon:
+    def __init__(self, config: DaemonConfig, config_path: Path | None, overrides: dict[str, Any]) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.stop_requested: asyncio.Event | None = None
+        self.signals = 0
+        self.coordinator: Any = None
+        self.router_kind = config.router
+
+    async def run(self) -> int:
+        from baton import runtime_dir
+        from baton.coordinator import Coordinator
+        from baton.router import RouterGone, RouterOptions
+        from baton.scheduler import Scheduler, SchedulerConfig
+        from baton.store import TaskStore
+
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.stop_requested = asyncio.Event()
+        # Signals first: a SIGTERM during start-up stops the daemon once it can drain, rather than killing it
+        # half-started.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+
+        try:
+            runtime_dir.prepare_socket_dir(cfg.socket_path)
+            lock = runtime_dir.acquire_instance_lock(cfg.socket_path)
+        except runtime_dir.AlreadyRunning as exc:
+            raise StartupError(str(exc), EXIT_FAILURE) from None
+        except runtime_dir.UnsafeSocketDir as exc:
+            raise StartupError(str(exc), EXIT_FAILURE) from None
+        except OSError as exc:
+            raise StartupError(f"cannot prepare the socket directory of {cfg.socket_path}: {exc}") from None
+        listener: socket.socket | None = None
+        scheduler: Scheduler | None = None
+        link: RouterLink | None = None
+        try:
+            try:
+                cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                cfg.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                # NORMAL in WAL mode: a commit is in the WAL before COMMIT returns, so a killed daemon loses
+                # nothing it acknowledged; only a power loss can lose the last transactions (docs/scheduler.md).
+                store = TaskStore(cfg.db_path, synchronous="NORMAL")
+                scheduler = Scheduler(
+                    store,
+                    # WIP is enforced per agent by the router's credit; the scheduler must not cap it again
+                    # (several agents of one type hold more than one agent's WIP between them).
+                    config=SchedulerConfig(wip_per_agent_type=None, lease_s=cfg.lease_s),
+                )
+            except Exception as exc:
+                raise StartupError(f"cannot open the task store {cfg.db_path}: {exc}") from None
+            generation = _next_generation(cfg.state_dir)
+            runtime_dir.remove_stale_socket(cfg.socket_path, lock)
+            listener = _bind(cfg.socket_path)
+            options = RouterOptions(
+                listen_fd=listener.fileno(), allowed_uid=os.getuid(), allowed_gid=cfg.allowed_gid,
+                max_payload=cfg.max_frame_bytes, generation=generation,
+            )
+            link = await self._start_router(options)
+            coordinator = Coordinator(scheduler, link, cfg)
+            self.coordinator = coordinator
+            run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
+            # Everything loaded so far (modules, the task records) lives as long as the daemon: keep the cyclic
+            # GC from scanning it again in every full collection.
+            gc.collect()
+            gc.freeze()
+            notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {cfg.socket_path}")
+            log.info("baton daemon ready on %s (router %s, pid %d)", cfg.socket_path, self.router_kind, os.getpid(),
+                     extra={"socket": str(cfg.socket_path), "db": str(cfg.db_path)})
+            stop_wait = asyncio.create_task(self.stop_requested.wait())
+            done, _ = await asyncio.wait({run_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if run_task in done:
+                stop_wait.cancel()
+                err = run_task.exception()
+                if isinstance(err, RouterGone):
+                    log.error("the router stopped unexpectedly: %s; the daemon exits", err)
+                else:
+                    log.error("the coordinator stopped unexpectedly", exc_info=err)
+                return EXIT_FAILURE
+            notify("STOPPING=1")
+            log.info("draining: no new work, running tasks get up to %.1f s", self.config.drain_timeout_s)
+            try:
+                given_back = await coordinator.drain(self.config.drain_timeout_s)
+            except RouterGone:
+                given_back = 0
+            log.info("drained; %d task(s) back to ready", given_back)
+            await link.stop()
+            run_task.cancel()
+            with contextlib.suppress(BaseException):
+                await run_task
+            return EXIT_OK
+        finally:
+            if link is not None and link.alive:
+                with contextlib.suppress(Exception):
+                    await link.stop()
+            if scheduler is not None:
+                scheduler.close()
+            if listener is not None:
+                listener.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(cfg.socket_path)
+            lock.close()
+
+    async def _start_router(self, options: Any) -> RouterLink:
+        link: RouterLink
+        if self.config.router == "native":
+            try:
+                from baton.router.native import NativeRouterLink  # type: ignore[import-not-found,unused-ignore]
+
+                link = NativeRouterLink(options)
+                await link.start()
+                self.router_kind = "native"
+                return link
+            except Exception as exc:
+                # PYTHON_ONLY (DESIGN.md section 3): the same protocol, served from this process.
+                log.warning("the native router is unavailable (%s); serving with the Python router", exc)
+        from baton.router.python import PythonRouterLink
+
+        link = PythonRouterLink(options)
+        await link.start()
+        self.router_kind = "python"
+        return link
+
+    def _on_stop_signal(self, sig: int) -> None:
+        assert self.stop_requested is not None
+        self.signals += 1
+        if self.stop_requested.is_set():
+            log.info("%s again: already draining", signal.Signals(sig).name)
+            return
+        log.info("%s: draining", signal.Signals(sig).name)
+        self.stop_requested.set()
+
+    def _on_reload(self) -> None:
+        try:
+            new = load_config(self.config_path, os.environ, self.overrides)
+        except ConfigError as exc:
+            log.error("SIGHUP: the configuration is invalid, keeping the running one: %s", exc)
+            return
+        old = self.config
+        changed = [f for f in DaemonConfig.model_fields if getattr(new, f) != getattr(old, f)]
+        live = [f for f in changed if f in LIVE_SETTINGS]
+        restart = [f for f in changed if f not in LIVE_SETTINGS]
+        if restart:
+            log.warning("SIGHUP: %s changed but only take effect after a restart", ", ".join(restart),
+                        extra={"needs_restart": restart})
+        if not live:
+            log.info("SIGHUP: configuration reloaded; nothing to change live")
+            return
+        self.config = old.model_copy(update={f: getattr(new, f) for f in live})
+        if "log_level" in live:
+            configure_logging(self.config.log_level)
+        coordinator = self.coordinator
+        if coordinator is not None:
+            coordinator.reconfigure(self.config)
+        log.info("SIGHUP: applied %s", ", ".join(f"{f}={getattr(self.config, f)!r}" for f in live),
+                 extra={"applied": {f: getattr(self.config, f) for f in live}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m baton.daemon [--config PATH] [--<setting> VALUE ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m baton.daemon", description="the baton coordination daemon")
+    parser.add_argument("--config", help="TOML configuration file (default: $XDG_CONFIG_HOME/baton/baton.toml)")
+    for field, flag in FLAG_NAMES.items():
+        parser.add_argument(flag, dest=field, default=None, metavar="VALUE", help=f"setting {field}")
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else EXIT_OK
+    overrides = {f: getattr(ns, f) for f in FLAG_NAMES}
+    return serve(ns.config, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
