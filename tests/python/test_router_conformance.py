@@ -420,6 +420,11 @@ def test_ctl_close_flushes_then_closes(h: Harness) -> None:
         (MsgType.CTL_PAUSE, protocol.CTL_PAUSE.pack(1)),
         (MsgType.CTL_STATS, b""),
         (MsgType.CTL_SHUTDOWN, b""),
+        # Router -> coordinator notifications and coordinator-only frames: a client cannot forge them
+        # (docs/router_python.md, ambiguity 3).
+        (MsgType.WELCOME, b"\x80"),
+        (MsgType.EP_CLOSED, b"\x90"),
+        (MsgType.DISPATCHED, b"\x90"),
     ],
 )
 def test_tasks_and_controls_from_a_client_are_forbidden(h: Harness, type: int, payload: bytes) -> None:
@@ -440,6 +445,15 @@ def test_unknown_type_is_answered_and_the_stream_continues(h: Harness) -> None:
     a.send(99, corr=0, payload=b"??")
     expect_error(a, 99, 0, "unknown_type")
     assert a.ping(71).payload == b"barrier"
+
+
+def test_an_error_frame_is_never_answered_with_an_error(h: Harness) -> None:
+    a = h.connect()
+    a.send(99, corr=72, flags=F_REPLY | F_ERROR, obj={"code": "internal", "message": "x"})
+    a.send(MsgType.DIRECT, destination=(GEN << 32) | 997, corr=73, flags=F_REPLY | F_ERROR,
+           obj={"code": "internal", "message": "x"})
+    a.ping(74)
+    assert not a.pending, a.pending
 
 
 def test_bad_magic_gets_bad_frame_and_a_close_while_others_carry_on(h: Harness) -> None:
