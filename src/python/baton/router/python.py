@@ -356,7 +356,11 @@ class PythonRouterLink:
         if not self.alive:
             raise RouterGone("the Python router has stopped")
         for raw in frames:
-            self._from_coordinator(raw)
+            try:
+                self._from_coordinator(raw)
+            except Exception as exc:  # a router bug must not lose the rest of the coordinator's batch
+                log.exception("routing a coordinator frame")
+                self._log("error", f"internal error routing a coordinator frame: {exc!r}")
         self._schedule_flush()
 
     async def recv(self) -> list[bytes]:
@@ -506,7 +510,7 @@ class PythonRouterLink:
             except FrameError as exc:
                 self._reject(conn, mv[pos:], exc)
                 return
-            self._from_client(conn, hdr, mv[pos : pos + size])
+            self._route_guarded(conn, hdr, mv[pos : pos + size])
             pos += size
         if conn.closing:
             return
@@ -558,7 +562,7 @@ class PythonRouterLink:
                     self._reject(conn, mv, exc)
                     return
                 self._stats["bytes_in"] += size
-                self._from_client(conn, hdr, mv)
+                self._route_guarded(conn, hdr, mv)
                 if conn.closing:
                     return
             if len(records) < _RING_BATCH:
@@ -577,6 +581,15 @@ class PythonRouterLink:
         self._schedule_flush()
 
     # --- routing ------------------------------------------------------------------------------------------
+
+    def _route_guarded(self, conn: _Conn, hdr: FrameHeader, raw: memoryview) -> None:
+        """Route one client frame; a bug while routing it costs that frame (``internal``), not the stream."""
+        try:
+            self._from_client(conn, hdr, raw)
+        except Exception as exc:  # a try block is free in 3.11 until something raises
+            log.exception("routing frame type %d from %#x", hdr.type, conn.ep)
+            self._log("error", f"internal error routing frame type {hdr.type} from {conn.ep:#x}: {exc!r}")
+            self._answer_error(conn.ep, hdr, ErrorCode.INTERNAL, f"router bug: {exc!r}")
 
     def _from_client(self, conn: _Conn, hdr: FrameHeader, raw: memoryview) -> None:
         self._stats["frames_in"] += 1
