@@ -604,6 +604,100 @@ int bt_io_send(bt_io *io, int fd, const void *buf, uint32_t len, uint64_t tag);
  */
 int bt_io_wait(bt_io *io, bt_io_event *evs, int max, int timeout_ms);
 
+
+/* ================================================================================================ */
+/* The baton protocol's constants (docs/protocol.md; twins of baton/protocol.py, checked by a test).  */
+/* ================================================================================================ */
+
+#define BT_EP_NONE 0ull
+#define BT_EP_COORDINATOR 1ull
+
+#define BT_MSG_HELLO 1
+#define BT_MSG_WELCOME 2
+#define BT_MSG_CALL 3
+#define BT_MSG_DIRECT 10
+#define BT_MSG_PUBLISH 11
+#define BT_MSG_SUBSCRIBE 12
+#define BT_MSG_UNSUBSCRIBE 13
+#define BT_MSG_JOIN 14
+#define BT_MSG_LEAVE 15
+#define BT_MSG_MULTICAST 16
+#define BT_MSG_BROADCAST 17
+#define BT_MSG_TASK 20
+#define BT_MSG_RESULT 21
+#define BT_MSG_HEARTBEAT 22
+#define BT_MSG_RING_SETUP 30
+#define BT_MSG_RING_READY 31
+#define BT_MSG_PING 32
+#define BT_MSG_EP_OPEN 40
+#define BT_MSG_EP_CLOSED 41
+#define BT_MSG_DISPATCHED 42
+#define BT_MSG_ROUTER_LOG 43
+#define BT_MSG_ROUTER_STATS 44
+#define BT_MSG_CTL_AGENT 50
+#define BT_MSG_CTL_CLOSE 51
+#define BT_MSG_CTL_REVOKE 52
+#define BT_MSG_CTL_PAUSE 54
+#define BT_MSG_CTL_STATS 55
+#define BT_MSG_CTL_SHUTDOWN 56
+
+/* Binary control payload sizes: CTL_AGENT <QQI, CTL_CLOSE <Q, CTL_REVOKE <QQ, CTL_PAUSE <I. */
+#define BT_CTL_AGENT_SIZE 20
+#define BT_CTL_CLOSE_SIZE 8
+#define BT_CTL_REVOKE_SIZE 16
+#define BT_CTL_PAUSE_SIZE 4
+
+/* RING_SETUP with destination 0 asks for this capacity per ring; the router grants at most the maximum. */
+#define BT_RING_SETUP_DEFAULT_CAPACITY (1u << 20)
+#define BT_RING_SETUP_MAX_CAPACITY (16u << 20)
+
+/* ================================================================================================ */
+/* The router: the data plane between clients and the coordinator (docs/router.md).                   */
+/* ================================================================================================ */
+
+typedef struct bt_router bt_router;
+
+/*
+ * What a router needs.  Every descriptor stays the caller's: the router never closes any of them, and the
+ * caller keeps them open until bt_router_close.
+ */
+typedef struct bt_router_config {
+    int32_t listen_fd;          /* listening unix stream socket; the router accepts on it */
+    int32_t coord_in_ring_fd;   /* coordinator -> router ring segment (the router is its consumer) */
+    int32_t coord_out_ring_fd;  /* router -> coordinator ring segment (the router is its producer) */
+    int32_t coord_in_bell;      /* eventfd the coordinator writes when the router armed coord_in */
+    int32_t coord_out_bell;     /* eventfd the router writes when the coordinator armed coord_out */
+    uint32_t allowed_uid;       /* peers with this uid may connect... */
+    int64_t allowed_gid;        /* ... and peers with this gid, when >= 0 (-1: nobody else) */
+    uint32_t max_payload;       /* larger frames: too_large and the connection closed (0 = default) */
+    uint32_t generation;        /* high 32 bits of every endpoint id this router hands out */
+    int32_t io_backend;         /* BT_IO_AUTO, BT_IO_EPOLL or BT_IO_URING */
+    uint32_t out_limit;         /* bytes a connection may have waiting to be sent (0 = 8 MiB) */
+    uint64_t spin_ns;           /* how long an idle router polls its rings before it sleeps */
+} bt_router_config;
+
+/*
+ * Create a router: attach the two coordinator rings, open the I/O engine, watch the listening socket and
+ * the inbound doorbell.  Nothing is accepted or read until bt_router_run.  *out is owned by the caller
+ * (bt_router_close); on failure nothing is left behind.  -EINVAL for a bad config, or the error of the ring
+ * attach / engine open.
+ */
+int bt_router_open(const bt_router_config *cfg, bt_router **out);
+
+/*
+ * Route until CTL_SHUTDOWN (returns 0 after flushing and closing every connection) or until the coordinator
+ * link ends: its ring closed or its process died (-EPIPE), or its ring is corrupt (-EPROTO).  Blocks the
+ * calling thread; the router belongs to that thread while it runs.  No peer input can make it fail: a bad
+ * client is answered and/or closed, never allowed to stop the loop.
+ */
+int bt_router_run(bt_router *r);
+
+/* Close every connection (without notifying anyone), detach the rings, free the router.  NULL: no-op. */
+void bt_router_close(bt_router *r);
+
+/* The I/O backend in use (BT_IO_EPOLL or BT_IO_URING). */
+int bt_router_backend(const bt_router *r);
+
 #ifdef __cplusplus
 }
 #endif
