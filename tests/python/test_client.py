@@ -285,3 +285,64 @@ def test_frames_are_well_formed(fake: FakeDaemon) -> None:
     _, h, v = fake.of_type(MsgType.PUBLISH)[0]
     assert h.destination == topic_id("x") and h.priority == wire.Priority.HIGH and h.correlation_id == 0
     assert h.send_ts_ns > 0 and v == 1
+
+
+# --- end to end: `python -m baton.daemon` in its own process -------------------------------------------------------
+
+
+def _have_daemon() -> bool:
+    try:
+        import baton.daemon  # noqa: F401
+        import daemon_harness  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_daemon(), reason="baton.daemon is not there yet")
+def test_real_daemon_client_agent_and_cli(short_tmp: Path) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    from daemon_harness import Daemon, daemon_env
+
+    from baton.agent import Agent
+    from conftest import wait_for
+
+    env = daemon_env(short_tmp)
+    env["BATON_ROUTER"] = "python"
+    d = Daemon(short_tmp, env)
+    try:
+        d.wait_ready()
+        sock = str(d.socket_path)
+        agent = Agent("e2e", wip=2, socket=sock)
+        th = threading.Thread(target=lambda: asyncio.run(agent.serve(lambda t: {"sq": t.input * t.input})),
+                              daemon=True)
+        th.start()
+        with Client(sock) as c:
+            wait_for(lambda: c.agents(), timeout=20, what="the agent")
+            c.enqueue([{"id": f"n{i}", "summary": "square", "agent_type": "e2e", "input": i,
+                        "prerequisites": [f"n{i - 1}"] if i else []} for i in range(20)])
+            res = c.wait([f"n{i}" for i in range(20)], timeout=60)
+            assert not res.timed_out and set(res.statuses.values()) == {"completed"}
+            assert c.get("n7").result == {"sq": 49}
+            with pytest.raises(NotFound):
+                c.get("nope")
+            with pytest.raises(InvalidTask):
+                c.enqueue({"summary": "", "agent_type": "e2e"})
+        proc = subprocess.run([sys.executable, "-m", "baton.cli", "list", "--json", "--socket", sock], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        import json
+
+        assert len(json.loads(proc.stdout)) == 20
+        agent.stop()
+        th.join(20)
+        assert agent.accepted == 20
+    finally:
+        d.signal(15)
+        try:
+            d.wait(30)
+        except Exception:
+            d.kill()
