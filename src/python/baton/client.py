@@ -404,8 +404,25 @@ class Client:
             self._sock.settimeout(None)
             self._sock.sendall(data)
         except OSError as exc:
+            self._read_leftovers()
             self.close()
+            refused = self._replies.pop((_HEADER_HELLO, -1), None)
+            if refused is not None:
+                reply_value(*refused)  # the router said why it closed (refused): that is the error to report
             raise ConnectionLost(f"the daemon at {self.socket_path} closed the connection ({exc})") from None
+
+    def _read_leftovers(self) -> None:
+        """Route what the peer sent before it closed (a ``refused`` error, typically); never blocks."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.setblocking(False)
+            while data := sock.recv(_READ_SIZE):
+                for header, payload in self._core.stream.feed(data):
+                    self._route(header, payload)
+        except (OSError, FrameError):
+            pass
 
     def _read_some(self, deadline: float | None) -> None:
         """Read one chunk (waiting at most until deadline) and route the frames it completes."""
@@ -825,6 +842,8 @@ class _AsyncConnection:
             try:
                 await self._writer.drain()
             except (ConnectionError, OSError) as exc:
+                if self._refused is not None:
+                    raise self._lost_error() from None
                 raise ConnectionLost(f"the daemon at {self.path} closed the connection ({exc})") from None
 
     async def send(self, mtype: int, payload: bytes, *, dest: int = 0, corr: int = 0, flags: int = 0,
