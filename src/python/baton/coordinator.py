@@ -38,8 +38,7 @@ from typing import Any, Final
 import msgpack
 import ormsgpack
 
-from baton import manifest as manifest_mod
-from baton import protocol, reports, wire
+from baton import protocol, wire
 from baton.daemon_config import DaemonConfig
 from baton.models import TERMINAL, Status
 from baton.protocol import ErrorCode, MsgType
@@ -753,7 +752,7 @@ class Coordinator:
         """Forget dispatches whose task left ``running`` under their token (lease expired, cancelled).  A
         queued one is revoked so no agent runs it; a held one is left to its agent, whose RESULT will be
         refused as stale."""
-        record = self.scheduler.record
+        record = self.scheduler.record_map().get
         for d in list(self._dispatches.values()):
             rec = record(d.task_id)
             if rec is not None and rec.status == _RUNNING and rec.token == d.token:
@@ -782,7 +781,7 @@ class Coordinator:
 
     def _recheck_waits(self) -> None:
         self._waits_dirty = False
-        rec_of = self.scheduler.record
+        rec_of = self.scheduler.record_map().get
         for w in list(self._waiters):
             w.remaining = {t for t in w.remaining if (r := rec_of(t)) is not None and r.status not in _TERMINAL_VALUES}
             if not w.remaining:
@@ -792,7 +791,7 @@ class Coordinator:
         if w not in self._waiters:
             return
         self._drop_waiter(w)
-        rec_of = self.scheduler.record
+        rec_of = self.scheduler.record_map().get
         statuses = {t: (r.status if (r := rec_of(t)) is not None else None) for t in w.ids}
         self._reply(_T_CALL, w.endpoint, w.corr, w.prio, {"statuses": statuses, "timed_out": timed_out})
 
@@ -898,11 +897,14 @@ class Coordinator:
 
     def _op_queue_status(self, a: _Args, src: int, corr: int, prio: int) -> Any:
         a.done()
+        from baton import reports  # lazily: reports and manifests cost ~30 ms of start-up for a rare call
         return reports.queue_status(self.scheduler).model_dump(mode="json")
 
     def _op_pulse(self, a: _Args, src: int, corr: int, prio: int) -> Any:
         manifest_id = a.get("manifest_id", str, None)
         a.done()
+        from baton import reports
+
         return reports.pulse(self.scheduler, manifest_id=manifest_id).model_dump(mode="json")
 
     def _op_cancel(self, a: _Args, src: int, corr: int, prio: int) -> Any:
@@ -940,7 +942,7 @@ class Coordinator:
             raise CallError(ErrorCode.INVALID_REQUEST, "args.ids: expected a list of task ids")
         if timeout is not None and not timeout >= 0:
             raise CallError(ErrorCode.INVALID_REQUEST, "args.timeout_s: must be >= 0")
-        rec_of = self.scheduler.record
+        rec_of = self.scheduler.record_map().get
         unknown = [t for t in ids if rec_of(t) is None]
         if unknown:
             raise CallError(ErrorCode.NOT_FOUND, f"no task(s) {unknown[:10]}", [{"task_id": t} for t in unknown])
@@ -966,6 +968,8 @@ class Coordinator:
         a.done()
         if self.draining and not dry_run:
             raise CallError(ErrorCode.DRAINING, "the daemon is draining and accepts no new work")
+        from baton import manifest as manifest_mod
+
         doc = _parse_manifest_text(text)
         base = Path(base_dir) if base_dir else None
         if dry_run:

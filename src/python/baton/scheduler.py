@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 from baton import priority as prio
@@ -1302,6 +1303,12 @@ class Scheduler:
     def record(self, task_id: str) -> TaskRecord | None:
         self._sync()
         return self._by_id.get(task_id)
+
+    def record_map(self) -> Mapping[str, TaskRecord]:
+        """Every record by id (read-only!), caught up with other writers once: for callers that look up many
+        records in a row (``record`` checks for other writers on every call)."""
+        self._sync()
+        return MappingProxyType(self._by_id)
 
     def count(self, status: str) -> int:
         self._sync()
