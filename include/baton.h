@@ -186,7 +186,7 @@ typedef struct bt_ring_shm {
     uint8_t _pad2[BT_RING_LINE - 8];
     /* Line 3: the park/wake handshake. */
     _Alignas(BT_RING_LINE) uint32_t futex_seq; /* bumped by the producer before FUTEX_WAKE */
-    uint32_t waiters;                           /* set by a consumer about to park */
+    uint32_t waiters;                           /* set by a consumer about to park: 1 futex, 2 doorbell */
     uint8_t _pad3[BT_RING_LINE - 8];
 } bt_ring_shm;
 
@@ -264,7 +264,9 @@ void bt_ring_stats_get(const bt_ring *r, bt_ring_stats *out);
  * Doorbells: how an event loop sleeps on a ring without a thread parked in FUTEX_WAIT.
  *
  * bt_ring_set_doorbell(producer_end, efd): from now on, when a publish finds the consumer's `waiters` flag
- * set, it writes 1 to the eventfd efd instead of FUTEX_WAKE; bt_ring_close on this end writes it
+ * set by bt_ring_arm (value 2), it writes 1 to the eventfd efd instead of FUTEX_WAKE; a consumer parked in
+ * bt_ring_wait (value 1) still gets its futex wake, so either style of consumer works on a ring with a
+ * doorbell.  bt_ring_close on this end writes it
  * unconditionally (close is rare, and a consumer blocked in its loop must see it).  efd stays the caller's
  * (keep it open while this end lives); -1 returns to futex wakes.  A write that finds the eventfd counter
  * saturated (EAGAIN on a non-blocking eventfd) is fine: the consumer is already due to wake.

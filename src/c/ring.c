@@ -83,14 +83,7 @@ static void ring_bell(int efd)
     } while (n < 0 && errno == EINTR);
 }
 
-/* The wake of a producer end: its doorbell when it has one, else the futex. */
-static void ring_wake_consumer(bt_ring *r)
-{
-    if (r->doorbell >= 0)
-        ring_bell(r->doorbell);
-    else
-        ring_wake(r->shm);
-}
+
 
 static int ring_alloc_handle(bt_ring_shm *shm, size_t map_len, uint64_t capacity, uint32_t max_record,
                              int role, int fd, bt_ring **out)
@@ -358,9 +351,14 @@ void bt_ring_publish(bt_ring *r)
      * could be satisfied from before the other's store and the consumer would sleep with a record in the
      * ring. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    /* Relaxed: the fence above provides the ordering. */
-    if (__atomic_load_n(&shm->waiters, __ATOMIC_RELAXED))
-        ring_wake_consumer(r);
+    /* Relaxed: the fence above provides the ordering.  The value says how the consumer sleeps: 2 = in its
+     * event loop on our doorbell (bt_ring_arm), 1 = in FUTEX_WAIT (bt_ring_wait).  Ringing the wrong one
+     * would leave it asleep until its next timeout. */
+    uint32_t w = __atomic_load_n(&shm->waiters, __ATOMIC_RELAXED);
+    if (w == 2 && r->doorbell >= 0)
+        ring_bell(r->doorbell);
+    else if (w)
+        ring_wake(shm);
 }
 
 void bt_ring_set_doorbell(bt_ring *r, int efd)
@@ -599,7 +597,7 @@ int bt_ring_arm(bt_ring *r)
     /* Relaxed store + seq_cst fence, exactly as bt_ring_wait's park: publish stores the commit, fences and
      * loads `waiters`; we store `waiters`, fence and load the commit.  At least one side sees the other, so
      * either our re-check below finds the record or the producer rings the bell. */
-    __atomic_store_n(&shm->waiters, 1u, __ATOMIC_RELAXED);
+    __atomic_store_n(&shm->waiters, 2u, __ATOMIC_RELAXED); /* 2: "ring my doorbell", see bt_ring_publish */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     int rc = ring_ready(r);
     if (rc == 0 && !__atomic_load_n(&shm->producer_closed, __ATOMIC_ACQUIRE))

@@ -16,6 +16,7 @@
 #include "router_internal.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -570,10 +571,13 @@ static void conn_emit_raw(bt_router *r, rt_conn *c, const uint8_t *frame, size_t
 }
 
 /* Error reply {"code", "message"} of the same type and correlation id, to a connection or (c == NULL) to the
- * coordinator. */
-static void send_error(bt_router *r, rt_conn *c, uint8_t type, uint8_t prio, uint64_t corr, const char *code,
-                       const char *message)
+ * coordinator.  A frame that is itself an error (about_flags has F_ERROR) is never answered with an error:
+ * two peers must not be able to bounce errors at each other through the router. */
+static void send_error_flags(bt_router *r, rt_conn *c, uint8_t type, uint8_t prio, uint64_t corr, const char *code,
+                             const char *message, uint8_t about_flags)
 {
+    if (about_flags & BT_FRAME_F_ERROR)
+        return;
     r->pay.len = r->pay.off = 0;
     mp_map(&r->pay, 2);
     mp_str(&r->pay, "code");
@@ -588,6 +592,12 @@ static void send_error(bt_router *r, rt_conn *c, uint8_t type, uint8_t prio, uin
         conn_emit(r, c, &h, r->pay.p, r->pay.len);
     else
         coord_emit(r, &h, r->pay.p, r->pay.len);
+}
+
+static void send_error(bt_router *r, rt_conn *c, uint8_t type, uint8_t prio, uint64_t corr, const char *code,
+                       const char *message)
+{
+    send_error_flags(r, c, type, prio, corr, code, message, 0);
 }
 
 static rt_conn *conn_by_ep(bt_router *r, uint64_t ep)
@@ -1146,6 +1156,13 @@ static void conn_finish_close(bt_router *r, rt_conn *c)
 static void rt_accept(bt_router *r)
 {
     for (;;) {
+        /* The listening socket is the daemon's and may be blocking (its file description is shared, so we do
+         * not change its flags): ask first, so accept never waits. */
+        struct pollfd pfd = {.fd = r->cfg.listen_fd, .events = POLLIN};
+        if (poll(&pfd, 1, 0) <= 0 || !(pfd.revents & POLLIN)) {
+            r->accept_retry = 0;
+            return;
+        }
         int fd = bt_sock_accept(r->cfg.listen_fd);
         if (fd == -EAGAIN) {
             r->accept_retry = 0;
@@ -1342,7 +1359,7 @@ static void route_common(bt_router *r, rt_conn *from, const bt_frame_hdr *h, con
             return; /* a reply for an endpoint that has gone: nobody to tell */
         char msg[96];
         snprintf(msg, sizeof(msg), "no endpoint %llu", (unsigned long long)h->destination);
-        send_error(r, from, h->type, h->priority, h->correlation_id, "no_such_endpoint", msg);
+        send_error_flags(r, from, h->type, h->priority, h->correlation_id, "no_such_endpoint", msg, h->flags);
         return;
     }
     }
@@ -1452,13 +1469,13 @@ static void conn_frame(bt_router *r, rt_conn *c, bt_frame_hdr *h, const uint8_t 
     case BT_MSG_CTL_PAUSE:
     case BT_MSG_CTL_STATS:
     case BT_MSG_CTL_SHUTDOWN:
-        send_error(r, c, h->type, h->priority, h->correlation_id, "forbidden",
-                   "only the coordinator may send this frame type");
+        send_error_flags(r, c, h->type, h->priority, h->correlation_id, "forbidden",
+                         "only the coordinator may send this frame type", h->flags);
         return;
     default: {
         char msg[64];
         snprintf(msg, sizeof(msg), "unknown frame type %u", h->type);
-        send_error(r, c, h->type, h->priority, h->correlation_id, "unknown_type", msg);
+        send_error_flags(r, c, h->type, h->priority, h->correlation_id, "unknown_type", msg, h->flags);
         return;
     }
     }

@@ -237,7 +237,7 @@ class Ring(_Handle):
         """Consumer end, before sleeping on the doorbell: True when armed (the next publish rings it), False
         when a record is already here (read it instead of sleeping).  PeerClosed when the producer closed
         the ring and everything was read."""
-        rc = lib.bt_ring_arm(self._handle())
+        rc = int(lib.bt_ring_arm(self._handle()))
         if rc < 0:
             raise error_from_errno(-rc, "ring arm")
         return rc == 0
@@ -484,3 +484,77 @@ class IoEngine(_Handle):
             self._io = None
             self._inflight.clear()
 
+
+
+# --- the router ----------------------------------------------------------------------------------------------
+
+MSG_NAMES = (
+    "HELLO", "WELCOME", "CALL", "DIRECT", "PUBLISH", "SUBSCRIBE", "UNSUBSCRIBE", "JOIN", "LEAVE", "MULTICAST",
+    "BROADCAST", "TASK", "RESULT", "HEARTBEAT", "RING_SETUP", "RING_READY", "PING", "EP_OPEN", "EP_CLOSED",
+    "DISPATCHED", "ROUTER_LOG", "ROUTER_STATS", "CTL_AGENT", "CTL_CLOSE", "CTL_REVOKE", "CTL_PAUSE", "CTL_STATS",
+    "CTL_SHUTDOWN",
+)
+
+
+def protocol_constants() -> dict[str, int]:
+    """The C twins of baton.protocol: ``BT_MSG_*`` by name (HELLO, ...), plus EP_NONE and EP_COORDINATOR."""
+    _require()
+    out = {name: int(getattr(lib, f"BT_MSG_{name}")) for name in MSG_NAMES}
+    out["EP_NONE"] = int(lib.BT_EP_NONE)
+    out["EP_COORDINATOR"] = int(lib.BT_EP_COORDINATOR)
+    return out
+
+
+class Router(_Handle):
+    """libbaton's router (bt_router_*): ``run()`` routes until CTL_SHUTDOWN or until the coordinator's ring
+    ends, without entering Python per frame (the GIL is released for the whole call).  Every descriptor
+    stays the caller's and must stay open until ``close()``."""
+
+    __slots__ = ("_r",)
+
+    def __init__(
+        self,
+        *,
+        listen_fd: int,
+        coord_in_ring_fd: int,
+        coord_out_ring_fd: int,
+        coord_in_bell: int,
+        coord_out_bell: int,
+        allowed_uid: int,
+        allowed_gid: int | None,
+        max_payload: int,
+        generation: int,
+        backend: int = IO_AUTO,
+        spin_ns: int = 50_000,
+        out_limit: int = 0,
+    ) -> None:
+        _require()
+        cfg = ffi.new("bt_router_config *")
+        cfg.listen_fd, cfg.coord_in_ring_fd, cfg.coord_out_ring_fd = listen_fd, coord_in_ring_fd, coord_out_ring_fd
+        cfg.coord_in_bell, cfg.coord_out_bell = coord_in_bell, coord_out_bell
+        cfg.allowed_uid = allowed_uid
+        cfg.allowed_gid = -1 if allowed_gid is None else allowed_gid
+        cfg.max_payload, cfg.generation = max_payload, generation
+        cfg.io_backend, cfg.spin_ns, cfg.out_limit = backend, spin_ns, out_limit
+        out = ffi.new("bt_router **")
+        check(lib.bt_router_open(cfg, out), "router open")
+        self._r = out[0]
+
+    @property
+    def backend_name(self) -> str:
+        return IO_BACKEND_NAMES[int(lib.bt_router_backend(self._handle()))]
+
+    def _handle(self) -> Any:
+        if self._r is None:
+            raise BatonError("router is closed")
+        return self._r
+
+    def run(self) -> int:
+        """Route until stopped: 0 after CTL_SHUTDOWN, -EPIPE when the coordinator's ring closed or its process
+        died, -EPROTO when that ring is corrupt."""
+        return int(lib.bt_router_run(self._handle()))
+
+    def close(self) -> None:
+        if self._r is not None:
+            lib.bt_router_close(self._r)
+            self._r = None

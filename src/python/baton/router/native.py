@@ -1,0 +1,303 @@
+"""The coordinator's link to libbaton's C router, which runs in a child process (docs/router.md).
+
+``NativeRouterLink.start`` creates the coordinator's ring pair (coordinator -> router, router -> coordinator)
+and one eventfd doorbell per ring, then starts ``python -m baton.router.native_child`` with those and the
+listening socket inherited.  From then on:
+
+- ``send`` writes a batch of frames into the coordinator -> router ring with one call (the ring's publish
+  rings the router's doorbell only when the router armed it before sleeping);
+- ``recv`` reads a batch from the router -> coordinator ring; when it is empty it arms the ring and waits for
+  the doorbell through the running loop's ``add_reader`` -- no thread, no polling;
+- the child's exit is watched through a pidfd on the same loop: ``recv`` then hands over what the router
+  committed before dying and raises RouterGone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from baton import native, protocol, wire
+from baton.errors import FrameTooLarge, PeerClosed, RingFull
+from baton.router import RouterGone, RouterOptions
+
+log = logging.getLogger("baton.router.native")
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+# How soon a send that found the ring full tries again (the router drains it every loop turn).
+RETRY_S = 0.0005
+MIN_RING = 4 << 20
+MAX_RING = 128 << 20
+
+
+def ring_capacity(max_payload: int) -> int:
+    """A ring whose records (capacity / 4) hold the largest frame, within [4 MiB, 128 MiB]."""
+    need = 4 * (max_payload + wire.HEADER_SIZE + 64)
+    cap = MIN_RING
+    while cap < need and cap < MAX_RING:
+        cap *= 2
+    return cap
+
+
+def _shutdown_frame() -> bytes:
+    hdr = wire.FrameHeader(
+        type=protocol.MsgType.CTL_SHUTDOWN,
+        priority=wire.Priority.HIGH,
+        source=protocol.EP_COORDINATOR,
+    )
+    return wire.encode(hdr)
+
+
+def _python_path() -> str:
+    """PYTHONPATH for the child: the directory holding this baton package first (a source checkout works
+    without installing), then whatever the daemon had."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+
+
+class NativeRouterLink:
+    """RouterLink to the C router in a child process."""
+
+    def __init__(
+        self,
+        options: RouterOptions,
+        *,
+        spin_ns: int = 50_000,
+        backend: int = native.IO_AUTO,
+        out_limit: int = 0,
+        python: str | None = None,
+    ) -> None:
+        self.options = options
+        self.spin_ns = spin_ns
+        self.backend = backend
+        self.out_limit = out_limit
+        self._python = python or sys.executable
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pidfd = -1
+        self._c2r: native.Ring | None = None  # coordinator -> router (we produce)
+        self._r2c: native.Ring | None = None  # router -> coordinator (we consume)
+        self._c2r_bell = -1
+        self._r2c_bell = -1
+        self._waiter: asyncio.Future[None] | None = None
+        self._exited: asyncio.Future[int] | None = None
+        self._early: list[bytes] = []
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._retry: asyncio.TimerHandle | None = None
+        self._dead = False
+        self._closed = False
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("NativeRouterLink.start called twice")
+        loop = self._loop = asyncio.get_running_loop()
+        opts = self.options
+        cap = ring_capacity(opts.max_payload)
+        try:
+            self._c2r = native.Ring.create(cap, native.PRODUCER, opts.generation)
+            self._r2c = native.Ring.create(cap, native.CONSUMER, opts.generation)
+            self._c2r_bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._r2c_bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._c2r.set_doorbell(self._c2r_bell)
+            cfg = {
+                "listen_fd": opts.listen_fd,
+                "coord_in_ring_fd": self._c2r.fd,
+                "coord_out_ring_fd": self._r2c.fd,
+                "coord_in_bell": self._c2r_bell,
+                "coord_out_bell": self._r2c_bell,
+                "allowed_uid": opts.allowed_uid,
+                "allowed_gid": opts.allowed_gid,
+                "max_payload": opts.max_payload,
+                "generation": opts.generation,
+                "backend": self.backend,
+                "spin_ns": self.spin_ns,
+                "out_limit": self.out_limit,
+                "parent_pid": os.getpid(),
+            }
+            fds = (opts.listen_fd, self._c2r.fd, self._r2c.fd, self._c2r_bell, self._r2c_bell)
+            env = dict(os.environ, PYTHONPATH=_python_path())
+            self._proc = subprocess.Popen(
+                [self._python, "-m", "baton.router.native_child", json.dumps(cfg)],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+            self._pidfd = os.pidfd_open(self._proc.pid)
+            self._exited = loop.create_future()
+            loop.add_reader(self._pidfd, self._on_exit)
+            loop.add_reader(self._r2c_bell, self._on_bell)
+        except BaseException:
+            self._release()
+            raise
+        # The router's first frame (its "started" log line) says it attached the rings and accepts.
+        try:
+            self._early = await asyncio.wait_for(self.recv(), START_TIMEOUT_S)
+        except (RouterGone, asyncio.TimeoutError) as exc:
+            await self.stop()
+            raise RouterGone(f"the native router did not start: {exc!r}") from exc
+        log.info("native router started (pid %d)", self._proc.pid)
+
+    async def stop(self) -> None:
+        if self._proc is None or self._closed:
+            return
+        if not self._dead:
+            try:
+                self._backlog.clear()
+                self._send_now([_shutdown_frame()])
+            except Exception:  # noqa: BLE001 - a full or broken ring: the kill below still stops it
+                log.warning("could not send CTL_SHUTDOWN to the native router", exc_info=True)
+            assert self._exited is not None
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("native router (pid %d) did not stop in %.0fs: killing it", self._proc.pid, STOP_TIMEOUT_S)
+                self._proc.kill()
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._exited), STOP_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    pass
+        self._release()
+
+    def _release(self) -> None:
+        """Free everything; wakes a pending recv, which raises RouterGone."""
+        self._closed = True
+        self._dead = True
+        loop = self._loop
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if loop is not None:
+            for fd in (self._pidfd, self._r2c_bell):
+                if fd >= 0:
+                    loop.remove_reader(fd)
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+        for fd in (self._pidfd, self._c2r_bell, self._r2c_bell):
+            if fd >= 0:
+                os.close(fd)
+        self._pidfd = self._c2r_bell = self._r2c_bell = -1
+        for ring in (self._c2r, self._r2c):
+            if ring is not None:
+                ring.close()
+        self._c2r = self._r2c = None
+        self._wake()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and not self._dead
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # --- loop callbacks --------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _on_bell(self) -> None:
+        try:
+            os.eventfd_read(self._r2c_bell)
+        except BlockingIOError:
+            pass
+        self._wake()
+
+    def _on_exit(self) -> None:
+        assert self._loop is not None and self._proc is not None
+        self._loop.remove_reader(self._pidfd)
+        code = self._proc.wait()
+        if not self._closed:
+            level = logging.INFO if code == 0 else logging.ERROR
+            log.log(level, "native router (pid %d) exited with status %d", self._proc.pid, code)
+        self._dead = True
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(code)
+        self._wake()
+
+    # --- frames ----------------------------------------------------------------------------------------------
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        if self._dead:
+            raise RouterGone("the native router is not running")
+        if self._backlog:
+            self._backlog.extend(frames)
+            return
+        self._send_now(frames)
+
+    def _send_now(self, frames: Sequence[bytes]) -> None:
+        ring = self._c2r
+        if ring is None:
+            raise RouterGone("the native router is not running")
+        todo = list(frames)
+        while todo:
+            try:
+                n = ring.write_batch(todo)
+            except RingFull:
+                n = 0
+            except FrameTooLarge:
+                log.error("dropped a %d-byte frame for the router: larger than a ring record", len(todo[0]))
+                todo.pop(0)
+                continue
+            if n == len(todo):
+                return
+            if n == 0:
+                break
+            todo = todo[n:]
+        # Full: keep the rest in order and retry soon, never block the coordinator.
+        self._backlog.extend(todo)
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._retry is None and self._loop is not None:
+            self._retry = self._loop.call_later(RETRY_S, self._flush_backlog)
+
+    def _flush_backlog(self) -> None:
+        self._retry = None
+        if self._dead or not self._backlog:
+            self._backlog.clear()
+            return
+        pending = list(self._backlog)
+        self._backlog.clear()
+        self._send_now(pending)
+
+    async def recv(self) -> list[bytes]:
+        if self._early:
+            out, self._early = self._early, []
+            return out
+        loop = self._loop
+        if loop is None:
+            raise RouterGone("the native router was never started")
+        while True:
+            ring = self._r2c
+            if ring is None or self._closed:
+                raise RouterGone("the native router stopped")
+            frames = ring.read_batch(0)
+            if frames:
+                return frames
+            if self._dead:
+                raise RouterGone(f"the native router exited (status {self._proc.returncode if self._proc else None})")
+            try:
+                if not ring.arm():
+                    continue  # a record arrived between the read and the arm
+            except PeerClosed:
+                pass  # the router closed its end and everything was read: wait for the pidfd to report the exit
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                if self._r2c is not None:
+                    self._r2c.disarm()
