@@ -130,7 +130,8 @@ def test_agent_killed_mid_task_has_it_requeued_and_completed_once(daemon: Daemon
             task = c.get("held")
             assert task.result == {"by": survivor.pid}
             assert task.attempts == 2
-            assert [a.outcome for a in task.attempt_history][0] != "completed"
+            lost = task.attempt_history[0]
+            assert lost.outcome == "lease_expired" and lost.error is not None
     finally:
         agents.stop()
     ends = [e for e in agents.entries() if e[0] == "end"]
