@@ -167,7 +167,8 @@ def test_cancel_and_dry_run(h: InProcess) -> None:
 def test_import_manifest_json_and_toml(h: InProcess, short_tmp: Path) -> None:
     c = h.client()
     c.hello()
-    doc = '{"manifest_id": "m", "tasks": [{"task_id": "T-1", "title": "one", "acceptance_criteria": [{"id": 1, "text": "x"}]},' \
+    doc = '{"manifest_id": "m", "tasks": [{"task_id": "T-1", "title": "one",' \
+          ' "acceptance_criteria": [{"id": 1, "text": "x"}]},' \
           ' {"task_id": "T-2", "title": "two", "depends_on_tasks": ["T-1"],' \
           ' "acceptance_criteria": [{"id": 1, "text": "y"}]}]}'
     dry = c.call("import_manifest", text=doc, dry_run=True)
@@ -176,7 +177,8 @@ def test_import_manifest_json_and_toml(h: InProcess, short_tmp: Path) -> None:
     res = c.call("import_manifest", text=doc)
     assert res["status"] == "imported" and sorted(res["created"]) == ["T-1", "T-2"]
     assert c.call("import_manifest", text=doc)["status"] == "unchanged"
-    toml = 'manifest_id = "t"\n[[tasks]]\ntask_id = "U-1"\ntitle = "u"\n[[tasks.acceptance_criteria]]\nid = 1\ntext = "z"\n'
+    toml = ('manifest_id = "t"\n[[tasks]]\ntask_id = "U-1"\ntitle = "u"\n'
+            '[[tasks.acceptance_criteria]]\nid = 1\ntext = "z"\n')
     assert c.call("import_manifest", text=toml)["created"] == ["U-1"]
     with pytest.raises(CallFailed) as e:
         c.call("import_manifest", text="= not toml")
@@ -398,3 +400,40 @@ def test_wire_priority_header(h: InProcess) -> None:
     corr = c.send(MsgType.CALL, {"op": "queue_status", "args": {}}, corr=42, prio=wire.Priority.HIGH)
     f = c.reply_to(MsgType.CALL, corr)
     assert f.header.priority == wire.Priority.HIGH
+
+
+# --- the scheduler additions the coordinator relies on ------------------------------------------------------
+
+
+def test_scheduler_release_counted_and_uncounted(tmp_path: Path) -> None:
+    from scheduler_fixtures import ManualClock, make, spec
+
+    clock = ManualClock()
+    s = make(tmp_path, clock, wip_per_agent_type=None)
+    s.enqueue_many([spec("a", max_attempts=2), spec("b"), spec("c")])
+    claims = {c.task_id: c for c in s.claim_many("impl", "router", 3)}
+    # never dispatched: the claim is undone
+    assert s.release_many([("b", claims["b"].fencing_token)], reason="x", count_attempt=False) == {"b": "ready"}
+    b = s.get("b")
+    assert b.attempts == 0 and b.attempt_history == [] and b.lease_holder is None
+    # agent lost: counts like a lease expiry; the last attempt dead-letters
+    assert s.release("a", claims["a"].fencing_token, reason="agent disconnected", count_attempt=True).value == "ready"
+    a = s.get("a")
+    assert a.attempts == 1 and a.attempt_history[0].outcome == "lease_expired"
+    assert a.attempt_history[0].error == "agent disconnected"
+    again = s.claim_many("impl", "router", 3)
+    tok = next(c.fencing_token for c in again if c.task_id == "a")
+    assert s.release_many([("a", tok)], reason="lost", count_attempt=True) == {"a": "dead_lettered"}
+    # stale tokens are skipped (batch) or refused (single)
+    assert s.release_many([("c", claims["c"].fencing_token + 100)], reason="x", count_attempt=True) == {}
+    with pytest.raises(Exception):
+        s.release("c", claims["c"].fencing_token + 100, reason="x", count_attempt=True)
+    # heartbeat_many renews the good ones and reports the others
+    clock.now += 10
+    renewed, refused = s.heartbeat_many([("c", claims["c"].fencing_token), ("a", tok), ("zz", 1)], lease_s=5)
+    assert renewed == {"c": clock.now + 5} and set(refused) == {"a", "zz"}
+    assert not s.has_ready("impl")  # b was claimed again with a
+    s.enqueue(spec("d"))
+    assert s.has_ready("impl") and not s.has_ready("other")
+    assert s.record_map()["c"].status == "running"
+    s.close()

@@ -863,7 +863,8 @@ class Coordinator:
         tasks = a.get("tasks", list)
         a.done()
         if self.draining:
-            raise CallError(ErrorCode.DRAINING, "the daemon is draining and accepts no new work; retry after it restarts")
+            raise CallError(ErrorCode.DRAINING,
+                            "the daemon is draining and accepts no new work; retry after it restarts")
         if not all(isinstance(t, dict) for t in tasks):
             bad = [i for i, t in enumerate(tasks) if not isinstance(t, dict)]
             raise CallError(ErrorCode.INVALID_TASK, f"tasks{bad[:10]}: each task must be a map of TaskSpec fields")
