@@ -505,6 +505,12 @@ def protocol_constants() -> dict[str, int]:
     return out
 
 
+def ctl_payload_size(name: str) -> int:
+    """BT_CTL_<name>_SIZE: the binary payload size of a coordinator control (AGENT, CLOSE, REVOKE, PAUSE)."""
+    _require()
+    return int(getattr(lib, f"BT_CTL_{name}_SIZE"))
+
+
 class Router(_Handle):
     """libbaton's router (bt_router_*): ``run()`` routes until CTL_SHUTDOWN or until the coordinator's ring
     ends, without entering Python per frame (the GIL is released for the whole call).  Every descriptor
