@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import struct
 import subprocess
@@ -42,6 +43,8 @@ from baton.protocol import EP_COORDINATOR, MsgType
 _NS = 1_000_000_000
 _TYPES = ("bench-a", "bench-b")
 _CORR = struct.Struct("<Q")
+_MEASUREMENTS = ("rt", "handoff", "throughput")
+_ANSWERED_BY: dict[int, int] = {MsgType.HELLO: MsgType.WELCOME, MsgType.RING_SETUP: MsgType.RING_READY}  # errors keep the type
 
 
 def now_ns() -> int:
@@ -67,6 +70,7 @@ class Peer:
         self.c2r: Any = None
         self.r2c: Any = None
         self._fds: list[int] = []
+        self._bell = -1
         hello = {"v": 1, "name": name, "pid": os.getpid(), "agent_type": agent_type, "capabilities": [], "wip": wip}
         _, welcome = self.call(MsgType.HELLO, hello, EP_COORDINATOR)
         self.endpoint: int = welcome["endpoint"]
@@ -97,9 +101,10 @@ class Peer:
         """Send a request and wait for its reply; other frames that arrive meanwhile go to ``inbox``."""
         corr = self.next_corr()
         self.send(mtype, body, dest, corr=corr)
+        answers = (mtype, _ANSWERED_BY.get(mtype, mtype))
         while True:
             for hdr, payload in self.receive():
-                if hdr.correlation_id == corr and hdr.flags & wire.F_REPLY and hdr.type == mtype:
+                if hdr.correlation_id == corr and hdr.flags & wire.F_REPLY and hdr.type in answers:
                     value = msgpack.unpackb(payload) if payload else None
                     if hdr.flags & wire.F_ERROR:
                         raise BenchError(f"{MsgType(mtype).name} failed: {value}")
@@ -116,17 +121,22 @@ class Peer:
         self.call(MsgType.RING_SETUP, b"", 0)
         if len(self._fds) < 4:
             raise BenchError(f"RING_READY carried {len(self._fds)} fds, expected 4")
-        c2r_fd, r2c_fd, *bells = self._fds[:4]
+        c2r_fd, r2c_fd, c2r_bell, r2c_bell = self._fds[:4]
         self.c2r = native.Ring.attach(c2r_fd, native.PRODUCER)
         self.r2c = native.Ring.attach(r2c_fd, native.CONSUMER)
         self.r2c.set_spin(spin_ns)
-        for fd in (c2r_fd, r2c_fd, *bells):
-            os.close(fd)  # attach keeps its own mapping; a spinning peer never needs the doorbells
+        # Our publishes ring the router's doorbell when it sleeps; we never arm ours (we park on the futex).
+        self.c2r.set_doorbell(c2r_bell)
+        self._bell = c2r_bell
+        for fd in (c2r_fd, r2c_fd, r2c_bell):
+            os.close(fd)  # attach keeps its own mapping
 
     def close(self) -> None:
         for ring in (self.c2r, self.r2c):
             if ring is not None:
                 ring.close()
+        if self._bell >= 0:
+            os.close(self._bell)
         self.sock.close()
 
 
@@ -153,13 +163,15 @@ def _peer_echo(path: str, ready: str) -> None:
                 c2r.write(wire.encode(reply, payload))
 
 
-def _peer_agent(path: str, agent_type: str, wip: int, count: int, log: str) -> None:
-    """A no-op agent: answers every TASK at once, logs (task input k, received ns, result sent ns)."""
+def _peer_agent(path: str, agent_type: str, wip: int, log: str) -> None:
+    """A no-op agent: answers every TASK at once, logs (task input k, received ns, result sent ns) to ``log``
+    when the benchmark stops it with SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     peer = Peer(path, f"bench-{agent_type}-{os.getpid()}", agent_type=agent_type, wip=wip)
     entries: list[tuple[int, int, int]] = []
     frames = peer.inbox
     try:
-        while len(entries) < count:
+        while True:
             if not frames:
                 frames = peer.receive()
             out = []
@@ -187,7 +199,7 @@ def _run_peer(argv: Sequence[str]) -> int:
     if role == "echo":
         _peer_echo(path, rest[0])
     elif role == "agent":
-        _peer_agent(path, rest[0], int(rest[1]), int(rest[2]), rest[3])
+        _peer_agent(path, rest[0], int(rest[1]), rest[2])
     else:
         raise SystemExit(f"unknown peer role {role!r}")
     return 0
@@ -313,13 +325,22 @@ def _enqueue(client: Peer, specs: list[dict[str, Any]], batch: int = 1000) -> No
         client.api("enqueue", tasks=specs[i : i + batch])
 
 
-def _agents_logs(procs: _Procs, logs: list[str], timeout: float) -> list[list[tuple[int, int, int]]]:
-    deadline = time.monotonic() + timeout
+def _wait_done(client: Peer, ids: list[str], timeout: float) -> None:
+    """Long-poll the daemon until every task is terminal."""
+    res = client.api("wait", ids=ids, timeout_s=timeout)
+    if res["timed_out"]:
+        raise BenchError(f"tasks not finished within {timeout:.0f} s; see `baton status`")
+    if bad := {s for s in res["statuses"].values() if s != "completed"}:
+        raise BenchError(f"benchmark tasks ended {', '.join(sorted(bad))}; see `baton list`")
+
+
+def _agents_logs(procs: _Procs, logs: list[str]) -> list[list[tuple[int, int, int]]]:
+    """Stop the agent processes (SIGTERM) and read the logs they write on the way out."""
     for p in procs.procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"agents did not finish within {timeout:.0f} s; see `baton status`") from None
+        p.terminate()
+    for p in procs.procs:
+        if p.wait(30) != 0:
+            raise BenchError(f"an agent process exited with status {p.returncode}")
     out = []
     for log in logs:
         with open(log) as f:
@@ -334,16 +355,16 @@ def measure_handoff(path: str, n: int, tmp: str, timeout: float) -> Result:
          "prerequisites": [f"{tag}-{k - 1}"] if k else []}
         for k in range(n)
     ]
-    counts = [(n + 1) // 2, n // 2]
     logs = [os.path.join(tmp, f"{t}.log") for t in _TYPES]
     client = Peer(path, "bench-handoff")
     try:
         with _Procs(path, tmp) as procs:
-            for agent_type, count, log in zip(_TYPES, counts, logs):
-                procs.start("agent", agent_type, 1, count, log)
+            for agent_type, log in zip(_TYPES, logs):
+                procs.start("agent", agent_type, 1, log)
             _wait_agents(client, {t: 1 for t in _TYPES})
             _enqueue(client, specs)
-            a_log, b_log = _agents_logs(procs, logs, timeout)
+            _wait_done(client, [specs[-1]["id"]], timeout)
+            a_log, b_log = _agents_logs(procs, logs)
     finally:
         client.close()
     got = {k: (recv, sent) for k, recv, sent in a_log + b_log}
@@ -377,11 +398,11 @@ def measure_throughput(path: str, n: int, agents: int, wip: int, tmp: str, timeo
         _enqueue(client, specs)
         enqueue_s = time.perf_counter() - t0
         logs = [os.path.join(tmp, f"noop{i}.log") for i in range(agents)]
-        share = [n // agents + (1 if i < n % agents else 0) for i in range(agents)]
         with _Procs(path, tmp) as procs:
-            for count, log in zip(share, logs):
-                procs.start("agent", "bench-noop", wip, count, log)
-            per_agent = _agents_logs(procs, logs, timeout)
+            for log in logs:
+                procs.start("agent", "bench-noop", wip, log)
+            _wait_done(client, [s["id"] for s in specs], timeout)
+            per_agent = _agents_logs(procs, logs)
     finally:
         client.close()
     entries = [e for log in per_agent for e in log]
@@ -419,8 +440,7 @@ def _print(results: Sequence[Result]) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", nargs="*", choices=["rt", "handoff", "throughput"], default=[],
-                   help="measurements to run (default: all)")
+    p.add_argument("what", nargs="*", metavar="rt|handoff|throughput", help="measurements to run (default: all)")
     p.add_argument("--socket", help="daemon socket (default: as `baton serve` chooses it; BATON_SOCKET)")
     p.add_argument("--seconds", type=float, default=3.0, help="duration of each round-trip run")
     p.add_argument("--rate", type=float, help="constant send rate for rt (per second); default closed loop")
@@ -439,7 +459,11 @@ def run(args: argparse.Namespace) -> int:
     from baton.daemon_config import default_socket_path
 
     path = args.socket or os.environ.get("BATON_SOCKET") or str(default_socket_path(os.environ))
-    what = args.what or ["rt", "handoff", "throughput"]
+    what = args.what or list(_MEASUREMENTS)
+    if unknown := set(what) - set(_MEASUREMENTS):
+        print(f"baton bench handoff: unknown measurement {', '.join(sorted(unknown))}; choose from "
+              f"{', '.join(_MEASUREMENTS)}", file=sys.stderr)
+        return 2
     results: list[Result] = []
     try:
         with TemporaryDirectory(prefix="baton-bench-") as tmp:
