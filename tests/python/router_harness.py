@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -426,3 +427,65 @@ def too_large_header(type: int, corr: int, payload_len: int) -> bytes:
     hdr = bytearray(frame(type, corr=corr))
     struct.pack_into("<I", hdr, 8, payload_len)
     return bytes(hdr)
+
+
+# --- peer credentials ---------------------------------------------------------------------------------
+
+
+def as_nobody(path: str) -> tuple[int, int]:
+    """Fork a child that drops to uid/gid 65534, connects to path and copies what it reads (until EOF) to a
+    pipe.  Returns (pid, read end).  fork, not exec: the interpreter under /root is not readable by nobody."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(20)
+            s.connect(path)
+            while chunk := s.recv(65536):
+                os.write(wfd, chunk)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    return pid, rfd
+
+
+def collect_as_nobody(pid: int, rfd: int, timeout: float = 20.0) -> bytes:
+    """Everything the child read, once it exited 0 (fails on a timeout or another exit status)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    reaped = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, "the child never saw the router close its connection"
+            ready, _, _ = select.select([rfd], [], [], left)
+            if ready:
+                chunk = os.read(rfd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                reaped = True
+                assert os.waitstatus_to_exitcode(status) == 0
+                return data
+            assert time.monotonic() < deadline, "the child did not exit"
+            select.select([], [], [], 0.01)
+    finally:
+        os.close(rfd)
+        if not reaped and not os.waitpid(pid, os.WNOHANG)[0]:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+
+
+def read_as_nobody(path: str, timeout: float = 20.0) -> bytes:
+    """Everything a client running as uid/gid 65534 reads from the socket at path until it is closed."""
+    return collect_as_nobody(*as_nobody(path), timeout)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import msgpack
 import pytest
 from conftest import REPO, wait_for
 from daemon_harness import Daemon, daemon_env
+from router_harness import read_as_nobody
 
 from baton import Client, wire
 from baton.protocol import ErrorCode, MsgType
@@ -146,31 +146,7 @@ def test_connection_from_another_uid_is_refused(daemon: Daemon) -> None:
     for d in (daemon.tmp, *daemon.socket_path.relative_to(daemon.tmp).parents):
         os.chmod(daemon.tmp / d, 0o755)
     os.chmod(daemon.socket_path, 0o666)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: become nobody, connect, report what the daemon said
-        try:
-            os.close(r)
-            os.setgid(65534)
-            os.setuid(65534)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(10)
-            s.connect(str(daemon.socket_path))
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-            os.write(w, data)
-        except OSError as exc:
-            os.write(w, f"child: {exc}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 4096):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    assert not data.startswith(b"child:"), data.decode()
+    data = read_as_nobody(str(daemon.socket_path))
     frames = wire.FrameStream().feed(data)
     assert frames, "the daemon closed the connection without saying why"
     hdr, payload = frames[0]

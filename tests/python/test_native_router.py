@@ -23,7 +23,7 @@ from baton.protocol import MsgType
 from baton.router import RouterLink, RouterOptions
 
 from conftest import child_env, wait_for
-from router_harness import CRITICAL, F_ERROR, F_REPLY, HIGH, Frame, Harness, frame, parse
+from router_harness import CRITICAL, F_REPLY, HIGH, Frame, Harness, frame, parse
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="libbaton is not built")
 
@@ -158,61 +158,6 @@ def test_ring_negotiation_end_to_end(h: Harness) -> None:
         for fd in fds:
             os.close(fd)
         s.close()
-
-
-def _refused_as_nobody(path: str) -> bytes:
-    """What a client running as uid/gid 65534 reads from the router until it closes (fork: the interpreter
-    under /root is not readable by nobody, so no exec)."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(rfd)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(20)
-            s.connect(path)
-            while chunk := s.recv(65536):
-                os.write(wfd, chunk)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    data = b""
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert time.monotonic() < deadline, "the refused client was never closed"
-            if select.select([rfd], [], [], 0.5)[0]:
-                chunk = os.read(rfd, 65536)
-                if not chunk:
-                    break
-                data += chunk
-    finally:
-        os.close(rfd)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return data
-
-
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
-def test_a_peer_with_another_uid_is_refused(h: Harness) -> None:
-    os.chmod(os.path.dirname(h.path), 0o755)
-    os.chmod(h.path, 0o666)
-    data = _refused_as_nobody(h.path)
-    frames = wire.FrameStream(0).feed(data)
-    assert len(frames) == 1
-    hdr, payload = frames[0]
-    f = Frame(hdr, payload)
-    assert (f.type, f.corr, f.flags) == (MsgType.HELLO, 0, F_REPLY | F_ERROR)
-    assert f.obj()["code"] == "refused"
-    log = h.coord.recv_until(lambda f: f.type == MsgType.ROUTER_LOG and "refused" in f.obj()[1], what="log")
-    assert log.obj()[0] == "warning"
-    a = h.connect()  # no endpoint was spent on the refused peer
-    assert a.ep == (GEN << 32) | 2
 
 
 DAEMON = r"""

@@ -9,8 +9,6 @@ within a priority), never sleeps.
 from __future__ import annotations
 
 import os
-import select
-import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -27,12 +25,15 @@ from router_harness import (
     F_REPLY,
     NORMAL,
     Client,
+    as_nobody,
+    collect_as_nobody,
     Frame,
     Harness,
     coord_frame,
     frame,
     dispatched_pairs,
     parse,
+    read_as_nobody,
     too_large_header,
 )
 
@@ -542,60 +543,6 @@ def test_slow_consumer_is_closed_and_reported(h: Harness) -> None:
 
 # --- peer credentials -------------------------------------------------------------------------------------
 
-def _as_nobody(path: str) -> tuple[int, int]:
-    """Fork a child that drops to uid/gid 65534, connects to path and copies what it reads (until EOF) to a
-    pipe.  Returns (pid, read end).  fork, not exec: the interpreter under /root is not readable by nobody."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(rfd)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(20)
-            s.connect(path)
-            while chunk := s.recv(65536):
-                os.write(wfd, chunk)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    return pid, rfd
-
-
-def _collect(pid: int, rfd: int, timeout: float = 20.0) -> bytes:
-    """Everything the child read, once it exited 0 (fails on a timeout or another exit status)."""
-    data = b""
-    deadline = time.monotonic() + timeout
-    reaped = False
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, "the child never saw the router close its connection"
-            ready, _, _ = select.select([rfd], [], [], left)
-            if ready:
-                chunk = os.read(rfd, 65536)
-                if not chunk:
-                    break
-                data += chunk
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                reaped = True
-                assert os.waitstatus_to_exitcode(status) == 0
-                return data
-            assert time.monotonic() < deadline, "the child did not exit"
-            select.select([], [], [], 0.01)
-    finally:
-        os.close(rfd)
-        if not reaped and not os.waitpid(pid, os.WNOHANG)[0]:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-
-
 def _open_socket_to_everyone(h: Harness) -> None:
     os.chmod(os.path.dirname(h.path), 0o755)
     os.chmod(h.path, 0o666)
@@ -604,7 +551,7 @@ def _open_socket_to_everyone(h: Harness) -> None:
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
 def test_a_peer_with_another_uid_is_refused(h: Harness) -> None:
     _open_socket_to_everyone(h)
-    data = _collect(*_as_nobody(h.path))
+    data = read_as_nobody(h.path)
     frames = [Frame(hd, p) for hd, p in wire.FrameStream(0).feed(data)]
     assert len(frames) == 1, frames
     f = frames[0]
@@ -621,11 +568,11 @@ def test_a_peer_in_the_allowed_group_is_accepted(short_tmp: Path,
     hh = Harness(str(short_tmp), make_link, generation=GEN, max_payload=MAX_PAYLOAD, allowed_gid=65534).start()
     try:
         _open_socket_to_everyone(hh)
-        pid, rfd = _as_nobody(hh.path)
+        pid, rfd = as_nobody(hh.path)
         opened = hh.coord.recv_until(lambda f: f.type == MsgType.EP_OPEN, what="EP_OPEN of the group member")
         assert opened.obj() == [pid, 65534, 65534]
         hh.coord.ctl(MsgType.CTL_CLOSE, protocol.CTL_CLOSE.pack(opened.source))
-        assert _collect(pid, rfd) == b""
+        assert collect_as_nobody(pid, rfd) == b""
     finally:
         hh.close()
 
