@@ -194,6 +194,8 @@ ENV_SAMPLES: dict[str, tuple[str, Any]] = {
     "max_frame_bytes": ("1048576", 1 << 20),
     "allowed_gid": ("1000", 1000),
     "router": (" Python", "python"),
+    "coordinator_spin_us": ("200", 200),
+    "router_spin_us": ("0", 0),
 }
 
 

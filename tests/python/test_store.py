@@ -262,3 +262,82 @@ def test_normal_task_flow_never_compacts_but_churn_does(tmp_path):
     s2 = make(tmp_path, clock, wip_per_agent_type=None)
     assert _snapshot(s2) == before
     s2.close()
+
+
+# --- fencing tokens from reserved blocks (store.next_fence, FENCE_BLOCK) ------------------------------------
+
+
+def test_fence_block_one_update_per_block_and_durability(tmp_path):
+    from baton.store import FENCE_BLOCK
+
+    with TaskStore(tmp_path / "f.db") as st:
+        with st.write() as c:
+            t1 = st.next_fence(c)
+            t2 = st.next_fence(c)
+            assert t2 == t1 + 1
+            assert not st.fence_durable(t1)  # its block's reservation is not committed yet
+        assert st.fence_durable(t2)
+        assert st.conn.execute("SELECT value FROM meta WHERE key = 'fence'").fetchone()[0] == FENCE_BLOCK
+        with st.write() as c:
+            t3 = st.next_fence(c)
+            assert t3 == t2 + 1 and st.fence_durable(t3)  # same block: no statement, already durable
+        # a rolled-back reservation is never used again
+        with pytest.raises(RuntimeError):
+            with st.write() as c:
+                for _ in range(FENCE_BLOCK):
+                    last = st.next_fence(c)
+                assert not st.fence_durable(last)
+                raise RuntimeError("boom")
+        with st.write() as c:
+            t4 = st.next_fence(c)
+        assert t4 > t3 and t4 == FENCE_BLOCK + 1  # the rolled-back block was reserved again, none of it issued
+
+
+def test_fence_tokens_grow_in_commit_order_across_connections(tmp_path):
+    a = TaskStore(tmp_path / "f.db")
+    b = TaskStore(tmp_path / "f.db")
+    seen = []
+    for i in range(50):
+        st = a if i % 3 else b
+        with st.write() as c:
+            st.data_version()
+            seen.append(st.next_fence(c))
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+    a.close()
+    b.close()
+
+
+CRASH_CLAIMER = """
+import os, sys
+from baton.scheduler import Scheduler, SchedulerConfig
+sch = Scheduler(sys.argv[1], config=SchedulerConfig(wip_per_agent_type=None))
+sch.enqueue_many([{"id": f"t{i}", "summary": "s", "agent_type": "x"} for i in range(200)])
+for i in range(150):  # committed claims: each prints its token
+    c = sch.claim("x", "w")
+    print(c.fencing_token, flush=True)
+with sch.transaction():  # a claim whose token is announced before its commit, then the process dies
+    c = sch.claim("x", "w")
+    print(c.fencing_token, "durable" if sch.store.fence_durable(c.fencing_token) else "pending", flush=True)
+    os.kill(os.getpid(), 9)
+"""
+
+
+def test_restart_never_reissues_a_token_announced_before_a_crash(tmp_path):
+    """Push before commit (docs/daemon.md): a token handed out (and maybe pushed) inside a transaction that
+    never committed is still below every token a restarted store issues."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "c.db"
+    proc = subprocess.run([sys.executable, "-c", CRASH_CLAIMER, str(db)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    lines = proc.stdout.split("\n")
+    tokens = [int(ln.split()[0]) for ln in lines if ln.strip()]
+    assert lines[-2].endswith("durable")  # the coordinator would have pushed it before the commit
+    from baton.scheduler import SchedulerConfig
+
+    sch = Scheduler(db, config=SchedulerConfig(wip_per_agent_type=None))
+    assert sch.count("running") == 150  # the last claim was lost with its transaction
+    fresh = [sch.claim("x", "w2") for _ in range(3)]
+    assert all(c is not None and c.fencing_token > max(tokens) for c in fresh)
+    sch.close()

@@ -163,35 +163,115 @@ def _peer_echo(path: str, ready: str) -> None:
                 c2r.write(wire.encode(reply, payload))
 
 
-def _peer_agent(path: str, agent_type: str, wip: int, log: str) -> None:
-    """A no-op agent: answers every TASK at once, logs (task input k, received ns, result sent ns) to ``log``
-    when the benchmark stops it with SIGTERM."""
+_HDR = struct.Struct("<IBBBBIIQQQQ")  # the frame header (wire.py's layout), packed and parsed directly
+_HSIZE = wire.HEADER_SIZE
+_T_TASK = int(MsgType.TASK)
+_T_RESULT = int(MsgType.RESULT)
+_RESULT_TAIL = b"\xa2ok\xc3\xa6result\xc0"  # "ok": true, "result": nil
+
+
+def _peer_agent(path: str, agent_type: str, wip: int, log: str, mode: str = "socket", spin_us: int = 0) -> None:
+    """A no-op agent: answers every TASK at once, logs (task input k, received ns, result sent ns, the TASK's
+    send_ts_ns = when the coordinator pushed it) to ``log`` when the benchmark stops it with SIGTERM.
+
+    mode ``socket``: TASKs and RESULTs over the socket, the agent parked in recv() between tasks.  mode
+    ``ring``: the agent negotiates the ring pair, so the router sends it CRITICAL/HIGH TASKs through its
+    inbound ring; it polls that ring for spin_us before parking on the ring's futex, and sends its RESULTs
+    (HIGH) through its outbound ring.  Frames are parsed and built with struct (no FrameHeader objects): the
+    agents share the machine's cores with the daemon, so their own cost per task is part of the figure."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     peer = Peer(path, f"bench-{agent_type}-{os.getpid()}", agent_type=agent_type, wip=wip)
-    entries: list[tuple[int, int, int]] = []
-    frames = peer.inbox
+    entries: list[tuple[int, int, int, int]] = []
+    ring = mode == "ring"
+    prio = wire.Priority.HIGH if ring else wire.Priority.NORMAL
+    hpack, unpack_from, unpackb, packb, clock = _HDR.pack, _HDR.unpack_from, msgpack.unpackb, msgpack.packb, now_ns
+    magic, version, coord = wire.MAGIC, wire.VERSION, EP_COORDINATOR
+
+    def answer(buf: Any, off: int, plen: int, corr: int, ts: int, out: list[bytes]) -> None:
+        got = clock()
+        task = unpackb(buf[off : off + plen])
+        body = b"".join((b"\x84\xa2id", packb(task["id"]), b"\xa5token", packb(task["token"]), _RESULT_TAIL))
+        out.append(hpack(magic, version, _T_RESULT, prio, 0, len(body), 0, 0, coord, corr, 0) + body)
+        entries.append((task["input"]["k"], got, clock(), ts))
+
     try:
-        while True:
-            if not frames:
-                frames = peer.receive()
-            out = []
-            for hdr, payload in frames:
-                if hdr.type != MsgType.TASK:
-                    continue
-                got = now_ns()
-                task = msgpack.unpackb(payload)
-                body = {"id": task["id"], "token": task["token"], "ok": True, "result": None}
-                rh = wire.FrameHeader(type=MsgType.RESULT, destination=EP_COORDINATOR,
-                                      correlation_id=hdr.correlation_id)
-                out.append(wire.encode(rh, msgpack.packb(body)))
-                entries.append((int(task["input"]["k"]), got, now_ns()))
-            frames = []
+        out: list[bytes] = []
+        if ring:
+            peer.setup_ring(spin_ns=spin_us * 1000)
+        for hdr, payload in peer.inbox:  # TASKs that came with the replies to HELLO and RING_SETUP
+            if hdr.type == _T_TASK:
+                answer(payload, 0, len(payload), hdr.correlation_id, hdr.send_ts_ns, out)
+        pending = bytearray(peer.stream._buf)  # a partial frame received with them
+        if ring:
+            _ring_agent_loop(peer, answer, out, pending)
+        else:
             if out:
                 peer.sock.sendall(b"".join(out))
+            sock = peer.sock
+            while True:
+                data = sock.recv(1 << 18)
+                if not data:
+                    return
+                pending += data
+                out = []
+                off, n = 0, len(pending)
+                while n - off >= _HSIZE:
+                    _, _, typ, _, _, plen, _, _, _, corr, ts = unpack_from(pending, off)
+                    end = off + _HSIZE + plen
+                    if end > n:
+                        break
+                    if typ == _T_TASK:
+                        answer(pending, off + _HSIZE, plen, corr, ts, out)
+                    off = end
+                del pending[:off]
+                if out:
+                    sock.sendall(b"".join(out))
     finally:
         with open(log, "w") as f:
             json.dump(entries, f)
         peer.close()
+
+
+def _ring_agent_loop(peer: Peer, answer: Any, out: list[bytes], pending: bytearray) -> None:
+    r2c, c2r, sock = peer.r2c, peer.c2r, peer.sock
+    buf, lens = r2c.buffer, r2c.lengths
+    unpack_from = _HDR.unpack_from
+    sock.setblocking(False)
+    wait = 0.002  # parked on the ring's futex at most this long between looks at the socket
+    while True:
+        if out:
+            c2r.write_batch(out)
+            out = []
+        try:
+            n = r2c.read_into(wait)
+        except Exception:  # the router closed the ring: the benchmark is over
+            return
+        off = 0
+        for i in range(n):
+            ln = lens[i]
+            _, _, typ, _, _, plen, _, _, _, corr, ts = unpack_from(buf, off)
+            if typ == _T_TASK:
+                answer(buf, off + _HSIZE, plen, corr, ts, out)
+            off += ln
+        if n:
+            continue
+        try:  # NORMAL frames (acks of resent results, TASKs below HIGH) still come by the socket
+            data = sock.recv(1 << 18)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        pending += data
+        off, total = 0, len(pending)
+        while total - off >= _HSIZE:
+            _, _, typ, _, _, plen, _, _, _, corr, ts = unpack_from(pending, off)
+            end = off + _HSIZE + plen
+            if end > total:
+                break
+            if typ == _T_TASK:
+                answer(pending, off + _HSIZE, plen, corr, ts, out)
+            off = end
+        del pending[:off]
 
 
 def _run_peer(argv: Sequence[str]) -> int:
@@ -199,7 +279,8 @@ def _run_peer(argv: Sequence[str]) -> int:
     if role == "echo":
         _peer_echo(path, rest[0])
     elif role == "agent":
-        _peer_agent(path, rest[0], int(rest[1]), rest[2])
+        mode = rest[3] if len(rest) > 3 else "socket"
+        _peer_agent(path, rest[0], int(rest[1]), rest[2], mode, int(rest[4]) if len(rest) > 4 else 0)
     else:
         raise SystemExit(f"unknown peer role {role!r}")
     return 0
@@ -334,7 +415,7 @@ def _wait_done(client: Peer, ids: list[str], timeout: float) -> None:
         raise BenchError(f"benchmark tasks ended {', '.join(sorted(bad))}; see `baton list`")
 
 
-def _agents_logs(procs: _Procs, logs: list[str]) -> list[list[tuple[int, int, int]]]:
+def _agents_logs(procs: _Procs, logs: list[str]) -> list[list[tuple[int, int, int, int]]]:
     """Stop the agent processes (SIGTERM) and read the logs they write on the way out."""
     for p in procs.procs:
         p.terminate()
@@ -344,15 +425,32 @@ def _agents_logs(procs: _Procs, logs: list[str]) -> list[list[tuple[int, int, in
     out = []
     for log in logs:
         with open(log) as f:
-            out.append([(k, recv, sent) for k, recv, sent in json.load(f)])
+            out.append([(k, recv, sent, pushed) for k, recv, sent, pushed in json.load(f)])
     return out
 
 
-def measure_handoff(path: str, n: int, tmp: str, timeout: float) -> Result:
+@dataclass
+class AgentMode:
+    """How the bench agents wait for work (``--agents-mode``, ``--agent-spin-us``, ``--base-priority``)."""
+
+    mode: str = "socket"  # socket | ring
+    spin_us: int = 0
+    base_priority: int = 5  # of the bench's tasks; >= 8 makes the coordinator push them HIGH (docs/daemon.md)
+
+    def args(self) -> list[str]:
+        return [self.mode, str(self.spin_us)]
+
+    def label(self) -> str:
+        return "socket, parked" if self.mode == "socket" else (
+            f"ring, spin {self.spin_us} us" if self.spin_us else "ring, parked on futex")
+
+
+def measure_handoff(path: str, n: int, tmp: str, timeout: float, am: AgentMode | None = None) -> Result:
+    am = am or AgentMode()
     tag = f"h{os.getpid()}x{now_ns()}"
-    specs = [
+    specs: list[dict[str, Any]] = [
         {"id": f"{tag}-{k}", "summary": f"handoff bench step {k}", "agent_type": _TYPES[k % 2], "input": {"k": k},
-         "prerequisites": [f"{tag}-{k - 1}"] if k else []}
+         "prerequisites": [f"{tag}-{k - 1}"] if k else [], "base_priority": am.base_priority}
         for k in range(n)
     ]
     logs = [os.path.join(tmp, f"{t}.log") for t in _TYPES]
@@ -360,18 +458,26 @@ def measure_handoff(path: str, n: int, tmp: str, timeout: float) -> Result:
     try:
         with _Procs(path, tmp) as procs:
             for agent_type, log in zip(_TYPES, logs):
-                procs.start("agent", agent_type, 1, log)
+                procs.start("agent", agent_type, 1, log, *am.args())
             _wait_agents(client, {t: 1 for t in _TYPES})
             _enqueue(client, specs)
             _wait_done(client, [specs[-1]["id"]], timeout)
             a_log, b_log = _agents_logs(procs, logs)
     finally:
         client.close()
-    got = {k: (recv, sent) for k, recv, sent in a_log + b_log}
+    got = {k: (recv, sent, pushed) for k, recv, sent, pushed in a_log + b_log}
     h = _histogram()
+    # The split: A's result sent -> the coordinator pushes the TASK (its send_ts_ns), and push -> B holds it.
+    to_push, from_push = [], []
     for k in range(1, n):
         h.record_value(max(1, got[k][0] - got[k - 1][1]))
-    return Result.from_histogram("handoff (A done -> B holds dependent)", h, tasks=n)
+        to_push.append(got[k][2] - got[k - 1][1])
+        from_push.append(got[k][0] - got[k][2])
+    to_push.sort()
+    from_push.sort()
+    return Result.from_histogram("handoff (A done -> B holds dependent)", h, tasks=n, agents=am.label(),
+                                 p50_done_to_push_us=round(to_push[len(to_push) // 2] / 1000, 1),
+                                 p50_push_to_held_us=round(from_push[len(from_push) // 2] / 1000, 1))
 
 
 def _wait_agents(client: Peer, want: dict[str, int], timeout: float = 30.0) -> None:
@@ -387,10 +493,15 @@ def _wait_agents(client: Peer, want: dict[str, int], timeout: float = 30.0) -> N
     raise BenchError(f"agents {want} did not connect within {timeout:.0f} s")
 
 
-def measure_throughput(path: str, n: int, agents: int, wip: int, tmp: str, timeout: float) -> Result:
+def measure_throughput(path: str, n: int, agents: int, wip: int, tmp: str, timeout: float,
+                       am: AgentMode | None = None) -> Result:
+    am = am or AgentMode()
     tag = f"t{os.getpid()}x{now_ns()}"
-    specs = [{"id": f"{tag}-{k}", "summary": "no-op", "agent_type": "bench-noop", "input": {"k": k}}
-             for k in range(n)]
+    specs: list[dict[str, Any]] = [
+        {"id": f"{tag}-{k}", "summary": "no-op", "agent_type": "bench-noop", "input": {"k": k},
+         "base_priority": am.base_priority}
+        for k in range(n)
+    ]
     client = Peer(path, "bench-throughput")
     try:
         client.api("pulse")  # fail early with the daemon's error if it cannot serve
@@ -400,7 +511,7 @@ def measure_throughput(path: str, n: int, agents: int, wip: int, tmp: str, timeo
         logs = [os.path.join(tmp, f"noop{i}.log") for i in range(agents)]
         with _Procs(path, tmp) as procs:
             for log in logs:
-                procs.start("agent", "bench-noop", wip, log)
+                procs.start("agent", "bench-noop", wip, log, *am.args())
             _wait_done(client, [s["id"] for s in specs], timeout)
             per_agent = _agents_logs(procs, logs)
     finally:
@@ -410,9 +521,10 @@ def measure_throughput(path: str, n: int, agents: int, wip: int, tmp: str, timeo
     last = max(e[2] for e in entries)
     rate = len(entries) / ((last - first) / _NS)
     h = _histogram()
-    for _, recv, sent in entries:
+    for _, recv, sent, _ in entries:
         h.record_value(max(1, sent - recv))
     res = Result.from_histogram("throughput (no-op tasks)", h, tasks=len(entries), agents=agents, wip=wip,
+                                agent_mode=am.label(),
                                 tasks_per_s=round(rate), enqueue_tasks_per_s=round(n / enqueue_s))
     res.unit = "us in agent"
     return res
@@ -448,6 +560,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=20000, help="no-op tasks for the throughput run")
     p.add_argument("--agents", type=int, default=2, help="agents for the throughput run")
     p.add_argument("--wip", type=int, default=32, help="WIP credit each throughput agent asks for")
+    p.add_argument("--agents-mode", choices=("socket", "ring"), default="socket",
+                   help="bench agents wait on the socket, or negotiate the ring pair (handoff, throughput)")
+    p.add_argument("--agent-spin-us", type=int, default=0,
+                   help="ring mode: how long an idle agent polls its ring before parking (0 = park at once)")
+    p.add_argument("--base-priority", type=int,
+                   help="base_priority of the bench tasks (default 9 in ring mode, so they travel HIGH, else 5)")
     p.add_argument("--timeout", type=float, default=300.0, help="give up a task run after this many seconds")
     p.add_argument("--out", default="bench-handoff.json", help="where to save the JSON results")
     p.add_argument("--json", action="store_true", help="print the JSON instead of a table")
@@ -465,6 +583,8 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(_MEASUREMENTS)}", file=sys.stderr)
         return 2
     results: list[Result] = []
+    bp = args.base_priority if args.base_priority is not None else (9 if args.agents_mode == "ring" else 5)
+    am = AgentMode(args.agents_mode, args.agent_spin_us, bp)
     try:
         with TemporaryDirectory(prefix="baton-bench-") as tmp:
             for item in what:
@@ -472,9 +592,9 @@ def run(args: argparse.Namespace) -> int:
                 if item == "rt":
                     results += measure_rt(path, args.seconds, args.rate, tmp)
                 elif item == "handoff":
-                    results.append(measure_handoff(path, args.chain, tmp, args.timeout))
+                    results.append(measure_handoff(path, args.chain, tmp, args.timeout, am))
                 else:
-                    results.append(measure_throughput(path, args.tasks, args.agents, args.wip, tmp, args.timeout))
+                    results.append(measure_throughput(path, args.tasks, args.agents, args.wip, tmp, args.timeout, am))
     except BenchError as exc:
         print(f"baton bench: {exc}", file=sys.stderr)
         return 2

@@ -8,9 +8,12 @@ queues with ready tasks.  One batch is one *turn*, handled synchronously (no awa
 2. the collected work is applied in **one** scheduler transaction (one journal entry, one commit): results
    are completed or failed, leases renewed, lost tasks released, and the freed room in each work queue is
    filled by claiming ready tasks (dependents released by those results included);
-3. only after that commit are the acknowledgements and TASK frames sent, in one ``link.send``.
+3. the TASK frames of the turn's claims are sent before that commit when their fencing tokens come from a
+   block whose reservation is durable (docs/daemon.md, "Push before commit"), after it otherwise; the
+   RESULT acknowledgements are sent only after the commit.
 
-So the handoff path (a RESULT in -> the dependent's TASK out) is one turn, one commit and one send.
+So the handoff path (a RESULT in -> the dependent's TASK out) is one turn and one commit, and the TASK leaves
+before the SQLite work of the commit.
 
 Ranking stays in the scheduler: the coordinator pushes a work queue only as many tasks as its connected
 agents can hold (their total credit) plus a small prefetch, so the router always has the next task queued for
@@ -74,6 +77,9 @@ _F_ERROR: Final = wire.F_ERROR
 _EP: Final = protocol.EP_COORDINATOR
 _HIGH: Final = int(wire.Priority.HIGH)
 _NORMAL: Final = int(wire.Priority.NORMAL)
+# TASK frames go out HIGH for tasks with base_priority >= this, NORMAL otherwise (docs/daemon.md): the router
+# drains HIGH first, and sends HIGH frames through the ring pair of an agent that negotiated one.
+_HIGH_FROM: Final = 8
 
 _T_HELLO: Final = int(MsgType.HELLO)
 _T_WELCOME: Final = int(MsgType.WELCOME)
@@ -199,11 +205,13 @@ class Coordinator:
         *,
         prefetch_per_agent: int = 2,
         tick_s: float | None = None,
+        push_before_commit: bool = True,
     ) -> None:
         self.scheduler = scheduler
         self.link = link
         self.config = config
         self.prefetch_per_agent = prefetch_per_agent
+        self.push_before_commit = push_before_commit
         self._tick_override = tick_s
         self._lease_s = config.lease_s
         self._peers: dict[int, _Peer] = {}
@@ -580,8 +588,8 @@ class Coordinator:
             self._beat_replies.append((src, corr, prio, items))
 
     def _flush(self, *, force: bool = False) -> None:
-        """Apply what the turn collected in one transaction, fill the work queues, then queue the replies and
-        TASK frames (only after the commit: nothing is announced that a crash could take back)."""
+        """Apply what the turn collected in one transaction and fill the work queues.  TASK frames go out before
+        the commit when their tokens are durable (see the module docstring), replies only after it."""
         done, failed, beats, lost, unsent = self._done, self._failed, self._beats, self._lost, self._unsent
         if not (done or failed or beats or lost or unsent or force or self._can_pump()):
             if self._waits_dirty and self._waiters:
@@ -595,6 +603,7 @@ class Coordinator:
         refused: dict[str, str] = {}
         renewed: dict[str, float] = {}
         completed: list[str] = []
+        pushed_early = False
         try:
             with sch.transaction():
                 if lost:
@@ -616,8 +625,18 @@ class Coordinator:
                     renewed, refused = sch.heartbeat_many(beats, lease_s=self._lease_s)
                 if not self._paused:
                     claims = self._claim()
+                if claims and self.push_before_commit and sch.store.fence_durable(claims[-1][0].fencing_token):
+                    # Push before the commit (docs/daemon.md, "Push before commit"): the tokens come from a
+                    # fence block that is already durable, so no restart can hand them out again.  Everything
+                    # else in _out describes committed state; the RESULT acks are queued after the commit.
+                    self._push(claims)
+                    claims = []
+                    pushed_early = True
+                    self._send()
         except Exception:
             log.exception("applying a batch failed; the scheduler rolled it back")
+            if pushed_early:
+                self._sweep()  # the pushed claims were rolled back: revoke those still queued
             for tid, token, _, src, corr, prio in done:
                 self._error(_T_RESULT, src, corr, prio, ErrorCode.INTERNAL, "the result could not be stored")
             for tid, token, _, _, src, corr, prio in failed:
@@ -718,7 +737,8 @@ class Coordinator:
             # head is a fixmap of 6 entries (0x86): make it 8 and append the two spliced ones.
             payload = b"".join((b"\x88", head[1:], b"\xa5input", inp, b"\xa8metadata", meta))
             did += 1
-            out.append(_HDR.pack(_MAGIC, _VERSION, _T_TASK, _HIGH, 0, len(payload), 0, _EP,
+            out.append(_HDR.pack(_MAGIC, _VERSION, _T_TASK, _HIGH if rec.base_priority >= _HIGH_FROM else _NORMAL,
+                                 0, len(payload), 0, _EP,
                                  self._queue_id(t), did, ts) + payload)
             dispatches[did] = _Dispatch(did, tid, token, t, c.lease_expires_at)
             outstanding[t] += 1

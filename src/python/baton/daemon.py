@@ -223,7 +223,8 @@ class _Daemon:
             try:
                 from baton.router.native import NativeRouterLink  # type: ignore[import-not-found,unused-ignore]
 
-                link = NativeRouterLink(options)
+                link = NativeRouterLink(options, spin_ns=self.config.router_spin_us * 1000,
+                                        recv_spin_ns=self.config.coordinator_spin_us * 1000)
                 await link.start()
                 self.router_kind = "native"
                 return link

@@ -96,6 +96,11 @@ class DaemonConfig(BaseModel):
     # Which data plane serves the socket: libbaton's C router in a child process, or the pure-Python router
     # inside the daemon (PYTHON_ONLY; also what a machine without the native library has to use).
     router: Annotated[RouterKind, BeforeValidator(_lower)] = "native"
+    # Busy-polling budgets, microseconds (docs/daemon.md, "Spinning"): after a turn the coordinator polls the
+    # router -> coordinator ring this long before it sleeps in the event loop (native router only); an idle
+    # native router polls its rings this long before it sleeps.  0 = never spin.
+    coordinator_spin_us: int = Field(default=0, ge=0, le=1_000_000)
+    router_spin_us: int = Field(default=50, ge=0, le=1_000_000)
 
     @model_validator(mode="before")
     @classmethod

@@ -122,6 +122,10 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
+# Fencing tokens reserved per meta update (TaskStore.next_fence).  Gaps are harmless: tokens only need to
+# grow; 2**63 / 1024 blocks is more than any daemon will ever reserve.
+FENCE_BLOCK: Final = 1024
+
 class TaskRepository(Protocol):
     """What the scheduler needs from storage: transactions, the fence counter, the snapshot and the journal."""
 
@@ -132,6 +136,8 @@ class TaskRepository(Protocol):
     def read(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
     def next_fence(self, c: sqlite3.Connection) -> int: ...
+
+    def fence_durable(self, token: int) -> bool: ...
 
     def data_version(self) -> int: ...
 
@@ -171,6 +177,16 @@ class TaskStore:
             self.path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=True
         )
         self._depth = 0
+        # Fencing tokens come from a block reserved in meta (see next_fence).  _fence_next.._fence_end is the
+        # block in use; _fence_committed the end of the last block whose reservation committed; _fence_dv the
+        # data_version the block was reserved under; _dv the last data_version read in this transaction.
+        self._fence_next = 1
+        self._fence_end = 0
+        self._fence_committed = 0
+        self._fence_pending = 0  # a reservation made by the open transaction (0: none)
+        self._fence_dv = -1
+        self._dv = -2
+        self._dv_read = False
         c = self._conn
         c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -233,14 +249,30 @@ class TaskStore:
             return
         c.execute(begin)
         self._depth = 1
+        self._dv_read = False
         try:
             yield c
         except BaseException:
             self._depth = 0
             c.execute("ROLLBACK" if rollback_on_error else "COMMIT")
+            self._end_fence_txn(committed=not rollback_on_error)
             raise
         self._depth = 0
-        c.execute("COMMIT")
+        try:
+            c.execute("COMMIT")
+        except BaseException:
+            self._end_fence_txn(committed=False)
+            raise
+        self._end_fence_txn(committed=True)
+
+    def _end_fence_txn(self, *, committed: bool) -> None:
+        if not self._fence_pending:
+            return
+        if committed:
+            self._fence_committed = max(self._fence_committed, self._fence_pending)
+        else:  # the reservation was rolled back: never hand out more of that block
+            self._fence_next = self._fence_end + 1
+        self._fence_pending = 0
 
     # --- schema ------------------------------------------------------------------------------------------
 
@@ -281,15 +313,42 @@ class TaskStore:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
 
     def next_fence(self, c: sqlite3.Connection) -> int:
-        """A fencing token strictly greater than every token handed out before (call inside write())."""
-        row = c.execute("UPDATE meta SET value = value + 1 WHERE key = 'fence' RETURNING value").fetchone()
-        return int(row[0])
+        """A fencing token strictly greater than every token handed out before, by this connection or any
+        other, even across a crash (call inside write()).
+
+        Tokens come from a block of FENCE_BLOCK numbers reserved with one ``UPDATE meta ... RETURNING``:
+        meta's ``fence`` holds the end of the last block reserved, so a restart resumes above it and never
+        reissues a token.  The block is used only while no other connection has committed since it was
+        reserved (data_version unchanged); otherwise a fresh block is reserved, above whatever the other
+        connection took, so tokens grow in commit order across connections too."""
+        if not self._dv_read:
+            self.data_version()
+        if self._fence_next > self._fence_end or self._fence_dv != self._dv:
+            row = c.execute(
+                "UPDATE meta SET value = value + ? WHERE key = 'fence' RETURNING value", (FENCE_BLOCK,)
+            ).fetchone()
+            self._fence_end = int(row[0])
+            self._fence_next = self._fence_end - FENCE_BLOCK + 1
+            self._fence_pending = self._fence_end
+            self._fence_dv = self._dv
+        token = self._fence_next
+        self._fence_next += 1
+        return token
+
+    def fence_durable(self, token: int) -> bool:
+        """Was ``token`` taken from a block whose reservation is committed?  Then no restart can hand it out
+        again, whatever happens to the transaction that issued it: it may be announced before that commits."""
+        return token <= self._fence_committed
 
     # --- snapshot + journal --------------------------------------------------------------------------------
 
     def data_version(self) -> int:
         """Changes whenever *another* connection commits (PRAGMA data_version): a cheap "anything new?"."""
-        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        dv = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        if self._depth:
+            self._dv = dv
+            self._dv_read = True
+        return dv
 
     def snapshot(self, c: sqlite3.Connection) -> Iterator[Any]:
         """Every record image of the snapshot, chunk by chunk (a later image of a record supersedes an

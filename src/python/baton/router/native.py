@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 from baton import native, protocol, wire
@@ -33,6 +34,8 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 # How soon a send that found the ring full tries again (the router drains it every loop turn).
 RETRY_S = 0.0005
+# With recv_spin_ns, recv passes through the event loop at least this often even when batches keep coming.
+_YIELD_NS = 1_000_000
 MIN_RING = 4 << 20
 MAX_RING = 128 << 20
 
@@ -70,12 +73,15 @@ class NativeRouterLink:
         options: RouterOptions,
         *,
         spin_ns: int = 50_000,
+        recv_spin_ns: int = 0,
         backend: int = native.IO_AUTO,
         out_limit: int = 0,
         python: str | None = None,
     ) -> None:
         self.options = options
         self.spin_ns = spin_ns
+        self.recv_spin_ns = recv_spin_ns  # recv polls an empty ring this long before it sleeps
+        self._last_yield = 0
         self.backend = backend
         self.out_limit = out_limit
         self._python = python or sys.executable
@@ -280,6 +286,11 @@ class NativeRouterLink:
         loop = self._loop
         if loop is None:
             raise RouterGone("the native router was never started")
+        if self.recv_spin_ns and time.monotonic_ns() - self._last_yield > _YIELD_NS:
+            # A busy ring (or the spin below) would return batches for ever without passing through the event
+            # loop: let timers and other callbacks run now and then.
+            self._last_yield = time.monotonic_ns()
+            await asyncio.sleep(0)
         while True:
             ring = self._r2c
             if ring is None or self._closed:
@@ -287,6 +298,15 @@ class NativeRouterLink:
             frames = ring.read_batch(0)
             if frames:
                 return frames
+            if self.recv_spin_ns and not self._dead:
+                # Poll before sleeping: a reply that comes within the budget costs no wakeup (the doorbell's
+                # eventfd, the event loop's epoll) on either side, since an unarmed ring is never rung.
+                read, clock = ring.read_batch, time.monotonic_ns
+                end = clock() + self.recv_spin_ns
+                while clock() < end:
+                    frames = read(0)
+                    if frames:
+                        return frames
             if self._dead:
                 raise RouterGone(f"the native router exited (status {self._proc.returncode if self._proc else None})")
             try:
@@ -295,6 +315,7 @@ class NativeRouterLink:
             except PeerClosed:
                 pass  # the router closed its end and everything was read: wait for the pidfd to report the exit
             self._waiter = loop.create_future()
+            self._last_yield = time.monotonic_ns()
             try:
                 await self._waiter
             finally:
