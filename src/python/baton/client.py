@@ -682,7 +682,11 @@ def _manifest_text(source: str | os.PathLike[str]) -> str:
         return Path(source).read_text(encoding="utf-8")
     if "\n" not in source and len(source) < 4096:
         p = Path(source).expanduser()
-        if p.is_file():
+        try:
+            is_file = p.is_file()
+        except OSError:  # not a usable path (a name longer than NAME_MAX, say): it is the text itself
+            is_file = False
+        if is_file:
             return p.read_text(encoding="utf-8")
     return source
 
