@@ -1,9 +1,11 @@
 """Test helpers for the client library: a scripted stand-in daemon on a real unix socket, and agent processes.
 
-``FakeDaemon`` speaks docs/protocol.md with baton.wire on a real listening socket (one thread per
-connection): HELLO -> WELCOME, CALL -> a scripted reply or error, a minimal router for SUBSCRIBE/PUBLISH,
-JOIN/MULTICAST, BROADCAST, DIRECT and PING, TASK pushes and RESULT acknowledgements.  It lets the client and
-the agent be tested frame by frame without the real daemon (tests/python/daemon_harness.py starts that).
+Everything a correct daemon does is tested against the real one (daemon_harness.in_process, ``python -m
+baton.daemon``).  ``FakeDaemon`` is only for what a correct daemon never does, scripted frame by frame with
+baton.wire on a real listening socket (one thread per connection): HELLO -> WELCOME, CALL -> whatever
+``on_call`` returns or a ``Fail`` error reply (any code, or no reply until it returns), TASK pushes, RESULT
+acknowledgements that can be withheld (``ack_results``), connections closed at any point; every frame received
+is recorded in ``frames``.
 
 Run as a script, ``python client_harness.py agent --type T --socket S [--wip N] [--out FILE]`` is an agent
 process whose handler appends ``<task id> <endpoint> <time>`` to FILE and returns ``{"done": id}``.
@@ -24,6 +26,7 @@ from baton import wire
 from baton.protocol import MsgType
 
 Call = Callable[[str, dict[str, Any]], Any]
+HEARTBEAT_S = 0.05  # what WELCOME tells agents
 
 
 class Fail(Exception):
@@ -36,21 +39,16 @@ class Fail(Exception):
 
 
 class Conn:
-    def __init__(self, daemon: FakeDaemon, sock: socket.socket, endpoint: int) -> None:
-        self.daemon = daemon
+    def __init__(self, sock: socket.socket, endpoint: int) -> None:
         self.sock = sock
         self.endpoint = endpoint
         self.hello: dict[str, Any] | None = None
-        self.topics: set[int] = set()
-        self.groups: set[int] = set()
         self.lock = threading.Lock()
         self.closed = False
 
-    def send(self, mtype: int, payload: Any, *, corr: int = 0, flags: int = 0, source: int = 1, dest: int = 0,
-             raw: bytes | None = None) -> None:
-        body = raw if raw is not None else (b"" if payload is None else msgpack.packb(payload, use_bin_type=True))
-        data = wire.encode(wire.FrameHeader(mtype, wire.Priority.NORMAL, flags, source, dest or self.endpoint,
-                                            corr), body)
+    def send(self, mtype: int, payload: Any, *, corr: int = 0, flags: int = 0) -> None:
+        body = b"" if payload is None else msgpack.packb(payload, use_bin_type=True)
+        data = wire.encode(wire.FrameHeader(mtype, wire.Priority.NORMAL, flags, 1, self.endpoint, corr), body)
         with self.lock:
             try:
                 self.sock.sendall(data)
@@ -67,16 +65,13 @@ class Conn:
 
 
 class FakeDaemon:
-    def __init__(self, path: str, *, on_call: Call | None = None, heartbeat_s: float = 0.2,
-                 refuse: bool = False, ack_results: bool = True) -> None:
+    def __init__(self, path: str, *, on_call: Call | None = None) -> None:
         self.path = path
         self.on_call: Call = on_call or (lambda op, args: None)
-        self.heartbeat_s = heartbeat_s
-        self.refuse = refuse
-        self.ack_results = ack_results
+        self.ack_results = True
         self.frames: list[tuple[int, wire.FrameHeader, Any]] = []  # (endpoint, header, decoded payload)
         self.conns: dict[int, Conn] = {}
-        self.results: list[dict[str, Any]] = []
+        self.results: list[Any] = []
         self.cond = threading.Condition()
         self._ids = itertools.count(2)
         self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -119,9 +114,6 @@ class FakeDaemon:
     def push_task(self, conn: Conn, task: dict[str, Any], dispatch_id: int) -> None:
         conn.send(MsgType.TASK, task, corr=dispatch_id)
 
-    def cut(self, conn: Conn) -> None:
-        conn.close()
-
     # -- server --
 
     def _accept(self) -> None:
@@ -130,12 +122,7 @@ class FakeDaemon:
                 sock, _ = self._lsock.accept()
             except OSError:
                 return
-            conn = Conn(self, sock, next(self._ids))
-            if self.refuse:
-                conn.send(MsgType.HELLO, {"code": "refused", "message": "uid 1234 may not connect"},
-                          flags=wire.F_REPLY | wire.F_ERROR)
-                conn.close()
-                continue
+            conn = Conn(sock, next(self._ids))
             with self.cond:
                 self.conns[conn.endpoint] = conn
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
@@ -166,9 +153,10 @@ class FakeDaemon:
         if t == MsgType.HELLO:
             conn.hello = value
             conn.send(MsgType.WELCOME, {"endpoint": conn.endpoint, "server": "fake", "max_payload": 1 << 20,
-                                        "lease_s": 30.0, "heartbeat_s": self.heartbeat_s},
+                                        "lease_s": 30.0, "heartbeat_s": HEARTBEAT_S},
                       corr=h.correlation_id, flags=wire.F_REPLY)
         elif t == MsgType.CALL:
+            assert isinstance(value, dict)
             try:
                 result = self.on_call(value["op"], value["args"])
             except Fail as f:
@@ -176,34 +164,6 @@ class FakeDaemon:
                           flags=wire.F_REPLY | wire.F_ERROR)
             else:
                 conn.send(t, result, corr=h.correlation_id, flags=wire.F_REPLY)
-        elif t in (MsgType.SUBSCRIBE, MsgType.UNSUBSCRIBE, MsgType.JOIN, MsgType.LEAVE):
-            target = conn.topics if t in (MsgType.SUBSCRIBE, MsgType.UNSUBSCRIBE) else conn.groups
-            (target.add if t in (MsgType.SUBSCRIBE, MsgType.JOIN) else target.discard)(h.destination)
-            if h.correlation_id:
-                conn.send(t, None, corr=h.correlation_id, flags=wire.F_REPLY)
-        elif t == MsgType.PUBLISH:
-            for c in list(self.conns.values()):
-                if h.destination in c.topics:
-                    c.send(t, None, raw=payload, source=conn.endpoint, dest=h.destination)
-        elif t == MsgType.MULTICAST:
-            for c in list(self.conns.values()):
-                if h.destination in c.groups and c is not conn:
-                    c.send(t, None, raw=payload, source=conn.endpoint, dest=h.destination)
-        elif t == MsgType.BROADCAST:
-            for c in list(self.conns.values()):
-                if c is not conn:
-                    c.send(t, None, raw=payload, source=conn.endpoint)
-        elif t == MsgType.DIRECT:
-            peer = self.conns.get(h.destination)
-            if peer is None or peer.closed:
-                if h.correlation_id:
-                    conn.send(t, {"code": "no_such_endpoint", "message": f"no endpoint {h.destination}"},
-                              corr=h.correlation_id, flags=wire.F_REPLY | wire.F_ERROR)
-                return
-            peer.send(t, None, raw=payload, source=conn.endpoint, dest=h.destination, corr=h.correlation_id,
-                      flags=h.flags)
-        elif t == MsgType.PING:
-            conn.send(t, None, raw=payload, corr=h.correlation_id, flags=wire.F_REPLY)
         elif t == MsgType.RESULT:
             with self.cond:
                 self.results.append(value)
