@@ -103,13 +103,18 @@ class Peer:
         self.send(mtype, body, dest, corr=corr)
         answers = (mtype, _ANSWERED_BY.get(mtype, mtype))
         while True:
+            got = None
             for hdr, payload in self.receive():
-                if hdr.correlation_id == corr and hdr.flags & wire.F_REPLY and hdr.type in answers:
-                    value = msgpack.unpackb(payload) if payload else None
-                    if hdr.flags & wire.F_ERROR:
-                        raise BenchError(f"{MsgType(mtype).name} failed: {value}")
-                    return hdr, value
-                self.inbox.append((hdr, payload))
+                if got is None and hdr.correlation_id == corr and hdr.flags & wire.F_REPLY and hdr.type in answers:
+                    got = hdr, payload
+                else:
+                    self.inbox.append((hdr, payload))  # frames after the reply in the same read too (TASKs)
+            if got is not None:
+                hdr, payload = got
+                value = msgpack.unpackb(payload) if payload else None
+                if hdr.flags & wire.F_ERROR:
+                    raise BenchError(f"{MsgType(mtype).name} failed: {value}")
+                return hdr, value
 
     def api(self, op: str, **args: Any) -> Any:
         return self.call(MsgType.CALL, {"op": op, "args": args}, EP_COORDINATOR)[1]
