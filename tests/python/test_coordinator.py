@@ -7,10 +7,9 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+import msgpack
 import pytest
-
 from baton import wire
 from baton.protocol import MsgType
 from daemon_harness import CallFailed, InProcess, RawClient, in_process, wait_until
@@ -110,18 +109,12 @@ def test_call_errors(h: InProcess) -> None:
         c.call("list", status="weird")
     assert e.value.code == "invalid_request"
     # malformed CALL payloads
-    for raw in (b"\xc1", msgpack_packb([1, 2]), msgpack_packb({"args": {}}), msgpack_packb({"op": "get", "args": 3})):
+    for raw in (b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"args": {}}), msgpack.packb({"op": "get", "args": 3})):
         corr = c.send(MsgType.CALL, raw=raw, corr=c.next_corr())
         f = c.reply_to(MsgType.CALL, corr)
         assert f.is_error and f.body()["code"] == "invalid_request", raw
     # the connection and the daemon carry on
     assert c.call("queue_status")["total"] == 0
-
-
-def msgpack_packb(obj: Any) -> bytes:
-    import msgpack
-
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def test_invalid_task_names_every_field_and_keeps_earlier(h: InProcess) -> None:
@@ -242,9 +235,36 @@ def test_task_flow_result_releases_dependent(h: InProcess) -> None:
     assert agent.result(f, task, result={"out": 1}) == {"accepted": True, "reason": None}
     stale = agent.result(f2, task2, token=task2["token"] - 1)
     assert stale is not None and stale["accepted"] is False and "stale" in stale["reason"]
-    assert agent.result(f2, task2, ok=False, error="bad")["accepted"] is True
+    failed = agent.result(f2, task2, ok=False, error="bad")
+    assert failed is not None and failed["accepted"] is True
     r = c.call("get", id="t2")
     assert r["status"] == "ready" and r["attempts"] == 1  # retried after a backoff
+
+
+def test_results_of_two_attempts_in_one_turn_are_judged_each_by_its_token(h: InProcess) -> None:
+    # What baton.Agent sends after a reconnect when the first attempt finishes just as the second one does:
+    # both RESULTs in one write, so the coordinator sees them in one turn.
+    c = h.client()
+    c.hello()
+    first = h.client()
+    first.hello("a1", agent_type="w")
+    c.call("enqueue", tasks=[{"id": "held", "summary": "s", "agent_type": "w"}])
+    f1, t1 = first.next_task()
+    first.close()  # lost: the task goes back to ready and is handed out again under a new token
+    second = h.client()
+    second.hello("a1", agent_type="w")
+    f2, t2 = second.next_task()
+    assert t2["id"] == "held" and t2["token"] > t1["token"]
+    second.send_raw(b"".join(
+        wire.encode(wire.FrameHeader(type=MsgType.RESULT, destination=1, correlation_id=f.corr), msgpack.packb(body))
+        for f, body in ((f1, {"id": "held", "token": t1["token"], "ok": True, "result": "late"}),
+                        (f2, {"id": "held", "token": t2["token"], "ok": True, "result": "current"}))))
+    ack1 = second.reply_to(MsgType.RESULT, f1.corr).body()
+    ack2 = second.reply_to(MsgType.RESULT, f2.corr).body()
+    assert ack1["accepted"] is False and "stale" in ack1["reason"]
+    assert ack2 == {"accepted": True, "reason": None}
+    got = c.call("get", id="held")
+    assert got["status"] == "completed" and got["result"] == "current"
 
 
 def test_bad_result_payload(h: InProcess) -> None:

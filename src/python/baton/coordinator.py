@@ -611,11 +611,16 @@ class Coordinator:
                 if unsent:
                     sch.release_many(unsent, reason="never dispatched", count_attempt=False)
                 if done:
-                    outcome = sch.complete_many([(t, k, res) for t, k, res, _, _, _ in done])
+                    judged = self._one_result_per_task(done)
+                    outcome = sch.complete_many(list(judged.values()))
                     completed = outcome.applied
                     rejected = outcome.rejected
                     for tid, token, _, src, corr, prio in done:
-                        if tid in rejected and not self._is_recorded(tid, token, _COMPLETED):
+                        if self._is_recorded(tid, token, _COMPLETED):
+                            acks.append((src, corr, prio, True, None))
+                        elif judged[tid][1] != token:
+                            acks.append((src, corr, prio, False, self._stale(tid, token)))
+                        elif tid in rejected:
                             acks.append((src, corr, prio, False, rejected[tid]))
                         else:
                             acks.append((src, corr, prio, True, None))
@@ -664,6 +669,26 @@ class Coordinator:
                 self._recheck_waits()
             elif completed:
                 self._note_terminal(completed)
+
+    def _one_result_per_task(self, done: Sequence[tuple[str, int, Any, int, int, int]]
+                             ) -> dict[str, tuple[str, int, Any]]:
+        """The result the scheduler judges for each task of this turn.  Results of two attempts of one task can
+        arrive in the same turn (an agent resends the first attempt's result after a reconnect while the second
+        attempt finishes); the scheduler takes one result per task, so give it the one under the current token
+        (the others are stale by definition)."""
+        judged: dict[str, tuple[str, int, Any]] = {}
+        for tid, token, result, *_ in done:
+            first = judged.get(tid)
+            if first is None or (first[1] != token and self._current_token(tid) == token):
+                judged[tid] = (tid, token, result)
+        return judged
+
+    def _current_token(self, tid: str) -> int | None:
+        rec = self.scheduler.record(tid)
+        return None if rec is None else rec.token
+
+    def _stale(self, tid: str, token: int) -> str:
+        return f"task {tid}: fencing token {token} is stale (current {self._current_token(tid)})"
 
     def _is_recorded(self, tid: str, token: int, status: str) -> bool:
         """A RESULT for an outcome already recorded under the same token (a resend after a reconnect)."""
