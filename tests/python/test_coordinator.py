@@ -195,6 +195,26 @@ def test_wait_answers_when_terminal_or_at_timeout(h: InProcess) -> None:
     assert f.body() == {"statuses": {"w1": "cancelled"}, "timed_out": False}
 
 
+def test_wip_limit_per_agent_type_holds_across_agents(h: InProcess) -> None:
+    # wip_per_agent_type (3 by default) bounds the tasks of a type in progress over all its agents, whatever
+    # credit each agent declares; a result makes room for exactly one more.
+    agents = [h.client(), h.client()]
+    for i, a in enumerate(agents):
+        a.hello(f"a{i}", agent_type="w", wip=10)
+    c = h.client()
+    c.hello()
+    c.call("enqueue", tasks=[{"id": f"t{i}", "summary": "s", "agent_type": "w"} for i in range(8)])
+    wait_until(lambda: sum(a["held"] for a in c.call("agents")) == 3, 10, what="three tasks dispatched")
+    assert c.call("queue_status")["by_status"]["running"] == 3
+    busy = {a["endpoint"] for a in c.call("agents") if a["held"]}
+    holder = next(a for a in agents if a.endpoint in busy)
+    f, task = holder.next_task()
+    holder.result(f, task)
+    wait_until(lambda: c.call("queue_status")["by_status"]["completed"] == 1, 10, what="the completion")
+    wait_until(lambda: sum(a["held"] for a in c.call("agents")) == 3, 10, what="one more task dispatched")
+    assert c.call("queue_status")["by_status"]["running"] == 3
+
+
 def test_agents_and_stats(h: InProcess) -> None:
     a = h.client()
     a.hello("agent-a", agent_type="w", wip=10, capabilities=["py"])
@@ -203,7 +223,7 @@ def test_agents_and_stats(h: InProcess) -> None:
     agents = c.call("agents")
     assert len(agents) == 1
     ag = agents[0]
-    assert ag["name"] == "agent-a" and ag["agent_type"] == "w" and ag["wip"] == 3  # capped by wip_per_agent_type
+    assert ag["name"] == "agent-a" and ag["agent_type"] == "w" and ag["wip"] == 10
     assert ag["pid"] == os.getpid() and ag["uid"] == os.getuid() and ag["held"] == 0
     st = c.call("stats")
     assert st["daemon"]["agents"] == 1

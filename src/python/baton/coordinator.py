@@ -28,6 +28,7 @@ refused).  A lost agent (EP_CLOSED) has its tasks released at once, the attempt 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import struct
@@ -210,6 +211,7 @@ class Coordinator:
         self.scheduler = scheduler
         self.link = link
         self.config = config
+        self._apply_wip_limit(config)
         self.prefetch_per_agent = prefetch_per_agent
         self.push_before_commit = push_before_commit
         self._tick_override = tick_s
@@ -278,16 +280,22 @@ class Coordinator:
                 log.exception("coordinator tick failed")
 
     def reconfigure(self, config: DaemonConfig) -> None:
-        """Apply the settings that can change while running (SIGHUP): wip_per_agent_type (agents get their
-        new credit at once), lease_s (for claims and renewals from now on), drain_timeout_s."""
+        """Apply the settings that can change while running (SIGHUP): wip_per_agent_type (the scheduler's
+        limit, from the next claim on), lease_s (for claims and renewals from now on), drain_timeout_s."""
         old = self.config
         self.config = config
         self._lease_s = config.lease_s
         if config.wip_per_agent_type != old.wip_per_agent_type:
-            for peer in self._peers.values():
-                if peer.agent_type is not None and peer.hello:
-                    self._set_credit(peer, min(peer.wip, config.wip_per_agent_type))
+            self._apply_wip_limit(config)
             self._pump_now()
+
+    def _apply_wip_limit(self, config: DaemonConfig) -> None:
+        """``wip_per_agent_type`` is the scheduler's WIP limit (docs/scheduler.md): tasks of one agent_type in
+        progress at once, over all its agents; tasks pushed to the router count, since they are claimed.  Each
+        agent's credit is the wip it declared: the limit decides how many tasks exist to hand out, the credit
+        how they are spread."""
+        sch = self.scheduler
+        sch.config = dataclasses.replace(sch.config, wip_per_agent_type=config.wip_per_agent_type)
 
     def begin_drain(self) -> None:
         """Stop taking work: enqueue and import answer ``draining``, the router dispatches no new task."""
@@ -459,7 +467,7 @@ class Coordinator:
         })
         if agent_type is not None:
             self._agents_n[agent_type] += 1
-            self._set_credit(peer, min(wip, self.config.wip_per_agent_type))
+            self._set_credit(peer, wip)
             log.info("agent %d (%s, pid %s) serves %s with credit %d", src, name, peer.pid, agent_type, peer.credit)
 
     def _set_credit(self, peer: _Peer, credit: int) -> None:
