@@ -804,15 +804,7 @@ class Scheduler:
         with self.transaction():
             now = self.clock()
             self._expire(now)
-            rec = self._check_holder(task_id, fencing_token)
-            exp = now + lease
-            if rec.timeout is not None:
-                exp = min(exp, rec.started + rec.timeout)  # type: ignore[operator]
-            rec.expires = exp
-            rec.updated = now
-            self._touch(rec)
-            heapq.heappush(self._leases, (exp, rec.seq, rec.token, task_id))
-            return exp
+            return self._renew(self._check_holder(task_id, fencing_token), now, lease)
 
     def heartbeat_many(
         self, items: Iterable[tuple[str, int]], *, lease_s: float | None = None
@@ -833,15 +825,19 @@ class Scheduler:
                 except (UnknownTask, InvalidTransition, StaleLease) as exc:
                     refused[task_id] = str(exc)
                     continue
-                exp = now + lease
-                if rec.timeout is not None:
-                    exp = min(exp, rec.started + rec.timeout)  # type: ignore[operator]
-                rec.expires = exp
-                rec.updated = now
-                self._touch(rec)
-                heapq.heappush(self._leases, (exp, rec.seq, rec.token, task_id))
-                renewed[task_id] = exp
+                renewed[task_id] = self._renew(rec, now, lease)
         return renewed, refused
+
+    def _renew(self, rec: TaskRecord, now: float, lease: float) -> float:
+        """Extend a running task's lease to now + lease (never past its timeout); returns the new expiry."""
+        exp = now + lease
+        if rec.timeout is not None:
+            exp = min(exp, rec.started + rec.timeout)  # type: ignore[operator]
+        rec.expires = exp
+        rec.updated = now
+        self._touch(rec)
+        heapq.heappush(self._leases, (exp, rec.seq, rec.token, rec.id))
+        return exp
 
     def release(self, task_id: str, fencing_token: int, *, reason: str, count_attempt: bool) -> Status:
         """Give a running task back to ready before its lease ends; see ``release_many``.  Returns the task's
