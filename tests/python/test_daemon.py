@@ -214,3 +214,31 @@ def test_sigkill_then_restart_loses_no_accepted_task(env: dict[str, str], short_
             seen.append(t["id"])
         assert len(set(seen)) == 30 and held[1]["id"] in seen
         assert c2.call("queue_status")["by_status"]["completed"] == 40
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+@pytest.mark.skipif("native" not in ROUTERS, reason="libbaton is not built")
+def test_router_child_started_early_serves_or_is_dismissed(short_tmp: Path, daemons: list[Daemon]) -> None:
+    """main() starts the native router's child before it reads the configuration; the router setting from the
+    file is only known later: native hands the child its descriptors, python dismisses it."""
+    env = daemon_env(short_tmp)  # no BATON_ROUTER: the default (native) until the file says otherwise
+    conf = short_tmp / "config" / "baton" / "baton.toml"
+    conf.parent.mkdir(parents=True)
+    for router, n_children in (("native", 1), ("python", 0)):
+        conf.write_text(f'router = "{router}"\n')
+        d = start(daemons, short_tmp, env)
+        assert len(_children(d.proc.pid)) == n_children, router
+        with d.client() as c:
+            assert c.hello()["server"].startswith("baton")
+            assert c.call("queue_status")["total"] == 0
+        assert f"router {router}" in d.log
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0, d.log
+        assert "unavailable" not in d.log, d.log

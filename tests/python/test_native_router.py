@@ -191,3 +191,73 @@ def test_the_router_exits_when_the_daemon_dies(short_tmp: Path) -> None:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+
+
+# --- the early child (the daemon spawns it before its own imports) ---------------------------------------------
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+def test_an_early_child_is_lean_and_routes_once_handed_its_descriptors(short_tmp: Path) -> None:
+    from baton.router.native import NativeRouterLink
+    from baton.router.native_child import spawn
+
+    child = spawn()
+    pid = child.proc.pid
+
+    def argv() -> list[bytes]:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+
+    # No site (no .pth imports), no user site, no PYTHON* variables.
+    wait_for(lambda: b"-I" in argv() and b"-S" in argv(), what="the child's command line")
+    # It loads libbaton while waiting for its orders, and nothing of the daemon's (pydantic, uvloop, sqlite).
+    wait_for(lambda: "_native" in _maps(pid), what="the child to load libbaton")
+    assert not any(lib in _maps(pid) for lib in ("pydantic_core", "uvloop", "sqlite")), _maps(pid)
+    time.sleep(0.2)
+    assert child.proc.poll() is None and child.pending
+    h = Harness(str(short_tmp), lambda options: NativeRouterLink(options, child=child), generation=GEN).start()
+    try:
+        assert _link_pid(h) == pid and not child.pending
+        agent = h.agent("build", 1)
+        h.push("build", 1)
+        assert agent.recv_until(lambda f: f.type == MsgType.TASK).corr == 1
+    finally:
+        h.close()
+    assert child.proc.wait(10) == 0
+
+
+def test_a_dismissed_child_exits_0() -> None:
+    from baton.router.native_child import spawn
+
+    child = spawn()
+    child.dismiss()
+    assert child.proc.returncode == 0 and not child.pending
+
+
+def test_a_child_that_died_before_its_orders_fails_the_start(short_tmp: Path) -> None:
+    import asyncio
+
+    from baton.router import RouterGone
+    from baton.router.native import NativeRouterLink
+    from baton.router.native_child import spawn
+
+    child = spawn()
+    child.proc.kill()  # not reaped: the link's pidfd reports the exit
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(short_tmp / "e.sock"))
+    s.listen()
+
+    async def go() -> None:
+        link = NativeRouterLink(RouterOptions(s.fileno(), os.getuid(), None, 65536, 1), child=child)
+        with pytest.raises(RouterGone, match="did not start"):
+            await link.start()
+        assert not link.alive
+
+    try:
+        asyncio.run(asyncio.wait_for(go(), 20))
+    finally:
+        s.close()

@@ -15,25 +15,23 @@ death), 2 bad configuration or usage.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import gc
 import logging
 import os
 import signal
-import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from baton.daemon_config import FLAG_NAMES, ConfigError, DaemonConfig, load_config
-from baton.jsonlog import configure_logging
-from baton.sd_notify import notify
+if TYPE_CHECKING:  # imported where used: main() starts the router child before any of these loads
+    import asyncio
+    import socket
 
-if TYPE_CHECKING:
+    from baton.daemon_config import DaemonConfig
     from baton.router import RouterLink
+    from baton.router.native_child import Spawned
 
 __all__ = ["serve", "main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
@@ -56,34 +54,95 @@ class StartupError(Exception):
         self.status = status
 
 
-def serve(config_path: str | None, overrides: Mapping[str, object]) -> int:
+def serve(config_path: str | None, overrides: Mapping[str, object], *, router_child: Spawned | None = None) -> int:
     """Run the daemon until it is stopped; returns the process exit status.
 
     ``overrides`` are the ``baton serve`` flags keyed by setting name (daemon_config.FLAG_NAMES; None means
-    "not given").
+    "not given").  ``router_child`` is a native router child already started (``main`` starts it before its
+    imports); without one, serve starts it here, before loading the configuration, unless the flag or
+    ``BATON_ROUTER`` asks for the Python router.
     """
-    env = os.environ
-    path = Path(config_path) if config_path else None
+    # No cyclic GC while start-up imports and builds what lives as long as the daemon: one collection after
+    # READY (then gc.freeze) does the work the import-time collections would have repeated.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    if router_child is None:
+        router_child = _spawn_router_child(overrides.get("router"), os.environ)
     try:
-        config = load_config(path, env, dict(overrides))
-    except ConfigError as exc:
-        print(f"baton serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    configure_logging(config.log_level)
-    import uvloop
+        from baton.daemon_config import ConfigError, load_config
+        from baton.jsonlog import configure_logging
 
+        env = os.environ
+        path = Path(config_path) if config_path else None
+        try:
+            config = load_config(path, env, dict(overrides))
+        except ConfigError as exc:
+            print(f"baton serve: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        configure_logging(config.log_level)
+        import uvloop
+
+        daemon = _Daemon(config, path, dict(overrides), router_child)
+        router_child = None  # the daemon owns it now
+        try:
+            return uvloop.run(daemon.run())
+        except StartupError as exc:
+            print(f"baton serve: {exc}", file=sys.stderr)
+            log.error("%s", exc)
+            return exc.status
+        except KeyboardInterrupt:  # a second Ctrl-C before the handlers were installed
+            return EXIT_FAILURE
+        finally:
+            daemon.dismiss_router_child()
+    finally:
+        if router_child is not None:
+            router_child.dismiss()
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _spawn_router_child(flag: object, env: Mapping[str, str]) -> Spawned | None:
+    """Start the native router's child now, so that its interpreter start-up overlaps ours (docs/daemon.md,
+    "Start-up time").  The router setting is not known yet (the TOML file is read later): the flag and
+    ``BATON_ROUTER`` are enough to skip it for the Python router; a file that says ``python`` dismisses it."""
+    choice = flag if flag is not None else (env.get("BATON_ROUTER") or None)
+    if isinstance(choice, str) and choice.strip().lower() == "python":
+        return None
     try:
-        return uvloop.run(_Daemon(config, path, dict(overrides)).run())
-    except StartupError as exc:
-        print(f"baton serve: {exc}", file=sys.stderr)
-        log.error("%s", exc)
-        return exc.status
-    except KeyboardInterrupt:  # a second Ctrl-C before the handlers were installed
-        return EXIT_FAILURE
+        from baton.router import native_child
+
+        return native_child.spawn()
+    except Exception:  # noqa: BLE001 - NativeRouterLink.start tries again and reports why
+        return None
+
+
+def _trim_malloc() -> None:
+    """Give the C heap's free pages back to the kernel once start-up is over (glibc malloc_trim).  Without
+    bytecode, compiling baton's modules leaves ~2 MB of freed heap behind; with it the call is about neutral
+    (bench/RESULTS.md)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag VALUE`` or ``flag=VALUE`` in argv (the last one wins, like argparse), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+    return value
 
 
 def _bind(path: Path) -> socket.socket:
     """Listen on ``path`` with mode 0600 from the first moment (umask around bind, not chmod after it)."""
+    import socket
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
@@ -113,8 +172,10 @@ def _next_generation(state_dir: Path) -> int:
 
 
 class _Daemon:
-    def __init__(self, config: DaemonConfig, config_path: Path | None, overrides: dict[str, Any]) -> None:
+    def __init__(self, config: DaemonConfig, config_path: Path | None, overrides: dict[str, Any],
+                 router_child: Spawned | None = None) -> None:
         self.config = config
+        self.router_child = router_child
         self.config_path = config_path
         self.overrides = overrides
         self.stop_requested: asyncio.Event | None = None
@@ -122,11 +183,20 @@ class _Daemon:
         self.coordinator: Any = None
         self.router_kind = config.router
 
+    def dismiss_router_child(self) -> None:
+        """Let an early router child go if nothing took it (Python router, or start-up stopped before)."""
+        child, self.router_child = self.router_child, None
+        if child is not None:
+            child.dismiss()
+
     async def run(self) -> int:
+        import asyncio
+
         from baton import runtime_dir
         from baton.coordinator import Coordinator
         from baton.router import RouterGone, RouterOptions
         from baton.scheduler import Scheduler, SchedulerConfig
+        from baton.sd_notify import notify
         from baton.store import TaskStore
 
         cfg = self.config
@@ -176,13 +246,15 @@ class _Daemon:
             coordinator = Coordinator(scheduler, link, cfg)
             self.coordinator = coordinator
             run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
-            # Everything loaded so far (modules, the task records) lives as long as the daemon: keep the cyclic
-            # GC from scanning it again in every full collection.
-            gc.collect()
-            gc.freeze()
             notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {cfg.socket_path}")
             log.info("baton daemon ready on %s (router %s, pid %d)", cfg.socket_path, self.router_kind, os.getpid(),
                      extra={"socket": str(cfg.socket_path), "db": str(cfg.db_path)})
+            # Everything loaded so far (modules, the task records) lives as long as the daemon: one collection
+            # (start-up ran without the cyclic GC), then keep the GC from scanning it again in every full one.
+            gc.collect()
+            gc.freeze()
+            gc.enable()
+            _trim_malloc()
             stop_wait = asyncio.create_task(self.stop_requested.wait())
             done, _ = await asyncio.wait({run_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             if run_task in done:
@@ -219,18 +291,21 @@ class _Daemon:
 
     async def _start_router(self, options: Any) -> RouterLink:
         link: RouterLink
+        child, self.router_child = self.router_child, None
         if self.config.router == "native":
             try:
                 from baton.router.native import NativeRouterLink  # type: ignore[import-not-found,unused-ignore]
 
                 link = NativeRouterLink(options, spin_ns=self.config.router_spin_us * 1000,
-                                        recv_spin_ns=self.config.coordinator_spin_us * 1000)
+                                        recv_spin_ns=self.config.coordinator_spin_us * 1000, child=child)
                 await link.start()
                 self.router_kind = "native"
                 return link
             except Exception as exc:
                 # PYTHON_ONLY (DESIGN.md section 3): the same protocol, served from this process.
                 log.warning("the native router is unavailable (%s); serving with the Python router", exc)
+        elif child is not None:
+            child.dismiss()
         from baton.router.python import PythonRouterLink
 
         link = PythonRouterLink(options)
@@ -248,6 +323,9 @@ class _Daemon:
         self.stop_requested.set()
 
     def _on_reload(self) -> None:
+        from baton.daemon_config import ConfigError, DaemonConfig, load_config
+        from baton.jsonlog import configure_logging
+
         try:
             new = load_config(self.config_path, os.environ, self.overrides)
         except ConfigError as exc:
@@ -275,16 +353,29 @@ class _Daemon:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m baton.daemon [--config PATH] [--<setting> VALUE ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m baton.daemon", description="the baton coordination daemon")
-    parser.add_argument("--config", help="TOML configuration file (default: $XDG_CONFIG_HOME/baton/baton.toml)")
-    for field, flag in FLAG_NAMES.items():
-        parser.add_argument(flag, dest=field, default=None, metavar="VALUE", help=f"setting {field}")
+    args = sys.argv[1:] if argv is None else argv
+    # First thing: the router child starts on the other core while this process imports (docs/daemon.md).
+    child = None if "-h" in args or "--help" in args else _spawn_router_child(_flag_value(args, "--router"),
+                                                                             os.environ)
     try:
-        ns = parser.parse_args(argv)
-    except SystemExit as exc:
-        return EXIT_USAGE if exc.code else EXIT_OK
-    overrides = {f: getattr(ns, f) for f in FLAG_NAMES}
-    return serve(ns.config, overrides)
+        import argparse
+
+        from baton.daemon_config import FLAG_NAMES
+
+        parser = argparse.ArgumentParser(prog="python -m baton.daemon", description="the baton coordination daemon")
+        parser.add_argument("--config", help="TOML configuration file (default: $XDG_CONFIG_HOME/baton/baton.toml)")
+        for field, flag in FLAG_NAMES.items():
+            parser.add_argument(flag, dest=field, default=None, metavar="VALUE", help=f"setting {field}")
+        try:
+            ns = parser.parse_args(args)
+        except SystemExit as exc:
+            return EXIT_USAGE if exc.code else EXIT_OK
+        overrides = {f: getattr(ns, f) for f in FLAG_NAMES}
+        spawned, child = child, None
+        return serve(ns.config, overrides, router_child=spawned)
+    finally:
+        if child is not None:
+            child.dismiss()
 
 
 if __name__ == "__main__":

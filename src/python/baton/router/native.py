@@ -1,8 +1,10 @@
 """The coordinator's link to libbaton's C router, which runs in a child process (docs/router.md).
 
 ``NativeRouterLink.start`` creates the coordinator's ring pair (coordinator -> router, router -> coordinator)
-and one eventfd doorbell per ring, then starts ``python -m baton.router.native_child`` with those and the
-listening socket inherited.  From then on:
+and one eventfd doorbell per ring, then hands those and the listening socket to a router child
+(``native_child``) over its socketpair (SCM_RIGHTS).  The child is either one the daemon spawned at the very
+start of its life (``child=``, so its interpreter start-up overlapped the daemon's imports) or one spawned
+here.  From then on:
 
 - ``send`` writes a batch of frames into the coordinator -> router ring with one call (the ring's publish
   rings the router's doorbell only when the router armed it before sleeping);
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import subprocess
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 
 from baton import native, protocol, wire
 from baton.errors import FrameTooLarge, PeerClosed, RingFull
-from baton.router import RouterGone, RouterOptions
+from baton.router import RouterGone, RouterOptions, native_child
 
 log = logging.getLogger("baton.router.native")
 
@@ -58,13 +59,6 @@ def _shutdown_frame() -> bytes:
     return wire.encode(hdr)
 
 
-def _python_path() -> str:
-    """PYTHONPATH for the child: the directory holding this baton package first (a source checkout works
-    without installing), then whatever the daemon had."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-
-
 class NativeRouterLink:
     """RouterLink to the C router in a child process."""
 
@@ -77,6 +71,7 @@ class NativeRouterLink:
         backend: int = native.IO_AUTO,
         out_limit: int = 0,
         python: str | None = None,
+        child: native_child.Spawned | None = None,
     ) -> None:
         self.options = options
         self.spin_ns = spin_ns
@@ -85,6 +80,8 @@ class NativeRouterLink:
         self.backend = backend
         self.out_limit = out_limit
         self._python = python or sys.executable
+        # A child the daemon started early (native_child.spawn), else start() spawns one.
+        self._child = child
         self._loop: asyncio.AbstractEventLoop | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
@@ -108,18 +105,24 @@ class NativeRouterLink:
         loop = self._loop = asyncio.get_running_loop()
         opts = self.options
         cap = ring_capacity(opts.max_payload)
+        child, self._child = self._child, None
         try:
             self._c2r = native.Ring.create(cap, native.PRODUCER, opts.generation)
             self._r2c = native.Ring.create(cap, native.CONSUMER, opts.generation)
             self._c2r_bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._r2c_bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._c2r.set_doorbell(self._c2r_bell)
-            cfg = {
-                "listen_fd": opts.listen_fd,
-                "coord_in_ring_fd": self._c2r.fd,
-                "coord_out_ring_fd": self._r2c.fd,
-                "coord_in_bell": self._c2r_bell,
-                "coord_out_bell": self._r2c_bell,
+            if child is None:
+                child = native_child.spawn(self._python)
+            self._proc = child.proc
+            try:
+                self._pidfd = os.pidfd_open(self._proc.pid)
+            except ProcessLookupError:  # an early child someone already reaped
+                raise RouterGone(f"the native router exited before it started (status {self._proc.poll()})") from None
+            self._exited = loop.create_future()
+            loop.add_reader(self._pidfd, self._on_exit)
+            loop.add_reader(self._r2c_bell, self._on_bell)
+            settings = {
                 "allowed_uid": opts.allowed_uid,
                 "allowed_gid": opts.allowed_gid,
                 "max_payload": opts.max_payload,
@@ -127,21 +130,22 @@ class NativeRouterLink:
                 "backend": self.backend,
                 "spin_ns": self.spin_ns,
                 "out_limit": self.out_limit,
-                "parent_pid": os.getpid(),
             }
-            fds = (opts.listen_fd, self._c2r.fd, self._r2c.fd, self._c2r_bell, self._r2c_bell)
-            env = dict(os.environ, PYTHONPATH=_python_path())
-            self._proc = subprocess.Popen(
-                [self._python, "-m", "baton.router.native_child", json.dumps(cfg)],
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-            self._pidfd = os.pidfd_open(self._proc.pid)
-            self._exited = loop.create_future()
-            loop.add_reader(self._pidfd, self._on_exit)
-            loop.add_reader(self._r2c_bell, self._on_bell)
+            fds = {
+                "listen_fd": opts.listen_fd,
+                "coord_in_ring_fd": self._c2r.fd,
+                "coord_out_ring_fd": self._r2c.fd,
+                "coord_in_bell": self._c2r_bell,
+                "coord_out_bell": self._r2c_bell,
+            }
+            try:
+                child.handoff(settings, fds)
+            except OSError as exc:
+                # The child died before its orders (no libbaton, a bad interpreter): the wait below reports it.
+                log.debug("could not hand the router its descriptors: %s", exc)
         except BaseException:
+            if child is not None and child.pending:
+                child.dismiss()
             self._release()
             raise
         # The router's first frame (its "started" log line) says it attached the rings and accepts.
@@ -153,6 +157,9 @@ class NativeRouterLink:
         log.info("native router started (pid %d)", self._proc.pid)
 
     async def stop(self) -> None:
+        if self._child is not None:  # never started: let the early child go
+            self._child.dismiss()
+            self._child = None
         if self._proc is None or self._closed:
             return
         if not self._dead:
