@@ -1,6 +1,7 @@
 """Daemon start-up and footprint: time from exec to READY=1, and idle memory with its router.
 
     python bench/bench_daemon.py [--runs 7] [--routers native,python] [--bytecode compiled,none] [--json]
+                                 [--baseline OLD/src/python/baton]
 
 For each run, router and bytecode mode: start `python -m baton.daemon` in a fresh state/runtime directory with
 NOTIFY_SOCKET pointing at a datagram socket of ours, time exec -> READY=1 (sd_notify), let it idle for a
@@ -70,12 +71,9 @@ def memory_kib(pid: int) -> dict[str, int]:
     return {"rss": rss, "pss": pss, **each}
 
 
-def prepare(mode: str, root: str) -> str:
-    """A copy of the baton package for one bytecode mode; returns the directory to put on PYTHONPATH."""
-    import baton
-
-    src = Path(baton.__file__).resolve().parent
-    dest = Path(root) / mode
+def prepare(mode: str, root: str, src: Path, label: str) -> str:
+    """A copy of the baton package ``src`` for one bytecode mode; returns the directory to put on PYTHONPATH."""
+    dest = Path(root) / label / mode
     shutil.copytree(src, dest / "baton", ignore=shutil.ignore_patterns("__pycache__"))
     if mode == "compiled":
         if not compileall.compile_dir(str(dest / "baton"), quiet=1):
@@ -117,24 +115,22 @@ def one_run(router: str, pythonpath: str, idle_s: float) -> tuple[float, dict[st
     return ready_ms, mem, proc.pid
 
 
-def machine() -> dict[str, object]:
-    """The host, and the commit of the baton package measured (the one this interpreter imports)."""
-    import baton
-
-    repo = str(Path(baton.__file__).resolve().parent)
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+def commit_of(repo: str) -> str:
+    """The git commit of the checkout holding ``repo`` (a package directory), "+" changes not committed."""
     try:
         commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
+        return commit + ("+" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "commit": commit}
+        return "unknown"
+
+
+def machine() -> dict[str, object]:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
 
 
 def _stats(xs: list[float]) -> dict[str, Any]:
@@ -148,40 +144,51 @@ def main() -> int:
     ap.add_argument("--bytecode", default="compiled,none", help="compiled, none, or both (comma-separated)")
     ap.add_argument("--idle", type=float, default=1.0, help="seconds of idling before reading memory")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also measure the baton package in DIR (e.g. a git worktree's src/python/baton of an older "
+                         "commit, with _native*.so copied in), interleaved run by run with the current one")
     args = ap.parse_args()
+    import baton
+
+    packages = {"current": Path(baton.__file__).resolve().parent}
+    if args.baseline:
+        packages = {"baseline": Path(args.baseline).resolve(), **packages}
     routers, modes = args.routers.split(","), args.bytecode.split(",")
     Run = tuple[float, dict[str, int], int]  # ready ms, memory (kB), daemon pid
-    results: dict[tuple[str, str], list[Run]] = {(m, r): [] for m in modes for r in routers}
+    combos = [(p, m, r) for p in packages for m in modes for r in routers]
+    results: dict[tuple[str, str, str], list[Run]] = {c: [] for c in combos}
     with tempfile.TemporaryDirectory(prefix="baton-bench-pkg-") as pkgs:
-        paths = {m: prepare(m, pkgs) for m in modes}
+        paths = {(p, m): prepare(m, pkgs, src, p) for p, src in packages.items() for m in modes}
         for _ in range(args.runs):
-            for m in modes:
-                for r in routers:
-                    results[(m, r)].append(one_run(r, paths[m], args.idle))
+            for p, m, r in combos:
+                results[(p, m, r)].append(one_run(r, paths[(p, m)], args.idle))
     rows: list[dict[str, Any]] = [
-        {"bytecode": m, "router": r, "ready_ms": _stats([x[0] for x in runs]),
+        {"package": p, "commit": commit_of(str(packages[p])), "bytecode": m, "router": r,
+         "ready_ms": _stats([x[0] for x in runs]),
          "idle_rss_mb": _stats([x[1]["rss"] / 1024 for x in runs]),
          "idle_pss_mb": _stats([x[1]["pss"] / 1024 for x in runs]),
          "daemon_rss_mb": _stats([x[1][str(x[2])] / 1024 for x in runs]),
          "processes": len(runs[0][1]) - 2}
-        for (m, r), runs in results.items()
+        for (p, m, r), runs in results.items()
     ]
     mach = machine()
     if args.json:
         print(json.dumps({"machine": mach, "runs": args.runs, "results": rows}, indent=2))
         return 0
-    print(f"{mach['cpu']}, {mach['cores']} cores, Linux {mach['kernel']}, Python {mach['python']}, "
-          f"commit {mach['commit']}; medians of {args.runs} runs (range)")
-    print(f"{'bytecode':9} {'router':7} {'ready ms':>22} {'idle RSS MB (summed)':>24} {'idle PSS MB':>22} "
-          f"{'daemon RSS MB':>22}")
+    print(f"{mach['cpu']}, {mach['cores']} cores, Linux {mach['kernel']}, Python {mach['python']}; "
+          f"medians of {args.runs} runs (range); commit + = with uncommitted changes")
+    print(f"{'commit':12} {'bytecode':9} {'router':7} {'ready ms':>22} {'idle RSS MB (summed)':>24} "
+          f"{'idle PSS MB':>22} {'daemon RSS MB':>22}")
 
     def cell(s: dict[str, Any]) -> str:
         return f"{s['median']} ({s['range'][0]}-{s['range'][1]})"
 
     for row in rows:
-        print(f"{row['bytecode']:9} {row['router']:7} {cell(row['ready_ms']):>22} {cell(row['idle_rss_mb']):>24} "
+        print(f"{row['commit']:12} {row['bytecode']:9} "
+              f"{row['router']:7} {cell(row['ready_ms']):>22} {cell(row['idle_rss_mb']):>24} "
               f"{cell(row['idle_pss_mb']):>22} {cell(row['daemon_rss_mb']):>22}")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -358,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     child = None if "-h" in args or "--help" in args else _spawn_router_child(_flag_value(args, "--router"),
                                                                              os.environ)
     try:
-        import argparse
-
         from baton.daemon_config import FLAG_NAMES
+
+        if not args:  # the usual case (a service unit): what argparse would give, without importing it
+            spawned, child = child, None
+            return serve(None, dict.fromkeys(FLAG_NAMES), router_child=spawned)
+        import argparse
 
         parser = argparse.ArgumentParser(prog="python -m baton.daemon", description="the baton coordination daemon")
         parser.add_argument("--config", help="TOML configuration file (default: $XDG_CONFIG_HOME/baton/baton.toml)")
