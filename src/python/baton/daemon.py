@@ -1,8 +1,10 @@
 """``baton serve``: the daemon process (docs/daemon.md).
 
-Start-up, in order: configuration -> JSON logs -> state directory and the task store -> the socket's private
-directory -> the instance lock -> remove a stale socket -> bind and listen (0600) -> the router (native child
-process, or the Python router in this loop) -> the coordinator -> READY=1 to ``$NOTIFY_SOCKET``.
+Start-up, in order: the native router's child process (spawned before anything heavy is imported, so its
+start-up overlaps ours; it gets its descriptors later) -> configuration -> JSON logs -> state directory and the
+task store -> the socket's private directory -> the instance lock -> remove a stale socket -> bind and listen
+(0600) -> the router (the native child takes the listening socket and its rings, or the Python router runs in
+this loop) -> the coordinator -> READY=1 to ``$NOTIFY_SOCKET`` -> one GC collection, gc.freeze, malloc_trim.
 
 Signals: SIGTERM/SIGINT drain (STOPPING=1; no new work; running tasks get up to drain_timeout_s; the rest go
 back to ready without an attempt counted; the router shuts down; exit 0).  SIGHUP reloads the configuration
