@@ -247,7 +247,7 @@ class InProcess:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.scheduler = Scheduler(TaskStore(cfg.db_path, synchronous="NORMAL"),
-                                   config=SchedulerConfig(wip_per_agent_type=None, lease_s=cfg.lease_s))
+                                   config=SchedulerConfig(lease_s=cfg.lease_s))
         opts = RouterOptions(listen_fd=self.listen.fileno(), allowed_uid=os.getuid(), allowed_gid=None,
                              max_payload=cfg.max_frame_bytes, generation=1)
         if self.router == "python":

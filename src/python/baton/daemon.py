@@ -231,9 +231,8 @@ class _Daemon:
                 store = TaskStore(cfg.db_path, synchronous="NORMAL")
                 scheduler = Scheduler(
                     store,
-                    # WIP is enforced per agent by the router's credit; the scheduler must not cap it again
-                    # (several agents of one type hold more than one agent's WIP between them).
-                    config=SchedulerConfig(wip_per_agent_type=None, lease_s=cfg.lease_s),
+                    # The coordinator applies wip_per_agent_type (the per-type WIP limit) at start and on SIGHUP.
+                    config=SchedulerConfig(lease_s=cfg.lease_s),
                 )
             except Exception as exc:
                 raise StartupError(f"cannot open the task store {cfg.db_path}: {exc}") from None
