@@ -189,7 +189,7 @@ def _peer_agent(path: str, agent_type: str, wip: int, log: str, mode: str = "soc
     entries: list[tuple[int, int, int, int]] = []
     ring = mode == "ring"
     prio = wire.Priority.HIGH if ring else wire.Priority.NORMAL
-    hpack, unpack_from, unpackb, packb, clock = _HDR.pack, _HDR.unpack_from, msgpack.unpackb, msgpack.packb, now_ns
+    hpack, unpackb, packb, clock = _HDR.pack, msgpack.unpackb, msgpack.packb, now_ns
     magic, version, coord = wire.MAGIC, wire.VERSION, EP_COORDINATOR
 
     def answer(buf: Any, off: int, plen: int, corr: int, ts: int, out: list[bytes]) -> None:
@@ -219,16 +219,7 @@ def _peer_agent(path: str, agent_type: str, wip: int, log: str, mode: str = "soc
                     return
                 pending += data
                 out = []
-                off, n = 0, len(pending)
-                while n - off >= _HSIZE:
-                    _, _, typ, _, _, plen, _, _, _, corr, ts = unpack_from(pending, off)
-                    end = off + _HSIZE + plen
-                    if end > n:
-                        break
-                    if typ == _T_TASK:
-                        answer(pending, off + _HSIZE, plen, corr, ts, out)
-                    off = end
-                del pending[:off]
+                _answer_tasks(pending, answer, out)
                 if out:
                     sock.sendall(b"".join(out))
     finally:
@@ -267,16 +258,22 @@ def _ring_agent_loop(peer: Peer, answer: Any, out: list[bytes], pending: bytearr
         if not data:
             return
         pending += data
-        off, total = 0, len(pending)
-        while total - off >= _HSIZE:
-            _, _, typ, _, _, plen, _, _, _, corr, ts = unpack_from(pending, off)
-            end = off + _HSIZE + plen
-            if end > total:
-                break
-            if typ == _T_TASK:
-                answer(pending, off + _HSIZE, plen, corr, ts, out)
-            off = end
-        del pending[:off]
+        _answer_tasks(pending, answer, out)
+
+
+def _answer_tasks(pending: bytearray, answer: Any, out: list[bytes]) -> None:
+    """Answer every whole TASK frame at the front of ``pending`` (other frames are skipped) and drop what was
+    read; a partial frame stays for the next read."""
+    off, n = 0, len(pending)
+    while n - off >= _HSIZE:
+        _, _, typ, _, _, plen, _, _, _, corr, ts = _HDR.unpack_from(pending, off)
+        end = off + _HSIZE + plen
+        if end > n:
+            break
+        if typ == _T_TASK:
+            answer(pending, off + _HSIZE, plen, corr, ts, out)
+        off = end
+    del pending[:off]
 
 
 def _run_peer(argv: Sequence[str]) -> int:
