@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import mmap
 import os
 import socket
 import struct
@@ -76,7 +75,6 @@ _RING_POLL_S: Final = 0.002  # fallback poll of c2r rings for clients that never
 _RING_RETRY_S: Final = 0.001  # retry a full r2c ring this soon
 _CLOSE_FLUSH_S: Final = 5.0  # a closing connection gets this long to take what was queued for it
 _SHUTDOWN_FLUSH_S: Final = 2.0
-_WAITERS_OFF: Final = 3 * 128 + 4  # bt_ring_shm.waiters (include/baton.h, line 3 of the ring header)
 _REPLY_ERR: Final = F_REPLY | F_ERROR
 
 # Types only the coordinator (or the router itself) may send; a client sending one is answered forbidden.
@@ -190,25 +188,22 @@ class _Queue:
 class _Ring:
     """The router's ends of a client's shared-memory ring pair and their doorbells."""
 
-    __slots__ = ("c2r", "r2c", "c2r_bell", "r2c_bell", "c2r_map", "r2c_map", "backlog", "max_record")
+    __slots__ = ("c2r", "r2c", "c2r_bell", "r2c_bell", "backlog", "max_record")
 
     def __init__(self, c2r: Any, r2c: Any, c2r_bell: int, r2c_bell: int) -> None:
         self.c2r = c2r
         self.r2c = r2c
         self.c2r_bell = c2r_bell
         self.r2c_bell = r2c_bell
-        # The router never spins, so it keeps the c2r ring armed for good (waiters = 1): a client's publish
-        # then always rings the doorbell.  The r2c map lets us ring only when the client has armed.
-        self.c2r_map = mmap.mmap(c2r.fd, 512)
-        self.r2c_map = mmap.mmap(r2c.fd, 512)
-        struct.pack_into("<I", self.c2r_map, _WAITERS_OFF, 1)
+        # Doorbells as in the C router (docs/router.md): our publishes on r2c ring the client's eventfd when it
+        # armed (a client parked on the futex gets the futex wake instead); c2r is armed whenever we go idle
+        # (_drain_c2r), so the client's next publish rings ours.
+        r2c.set_doorbell(r2c_bell)
+        c2r.arm()
         self.backlog: deque[bytes] = deque()  # CRITICAL/HIGH frames waiting for room in r2c, in order
         self.max_record = int(r2c.stats()["max_record"])
 
     def close(self) -> None:
-        for m in (self.c2r_map, self.r2c_map):
-            with contextlib.suppress(BufferError, ValueError):
-                m.close()
         self.c2r.close()
         self.r2c.close()
         for fd in (self.c2r_bell, self.r2c_bell):
@@ -539,6 +534,7 @@ class PythonRouterLink:
             return
         with contextlib.suppress(BlockingIOError, OSError):
             os.eventfd_read(ring.c2r_bell)
+        ring.c2r.disarm()
         self._drain_c2r(conn)
         self._schedule_flush()
 
@@ -547,10 +543,10 @@ class PythonRouterLink:
         while ring is not None and not conn.closing:
             try:
                 records = ring.c2r.read_batch(0, _RING_BATCH)
+                if not records and ring.c2r.arm():
+                    return  # empty and armed: the client's next publish rings the doorbell
             except Exception as exc:  # PeerClosed at the end, CorruptSegment from a hostile client
                 self._close(conn, f"c2r ring: {exc}")
-                return
-            if not records:
                 return
             for rec in records:
                 mv = memoryview(rec)
@@ -565,8 +561,6 @@ class PythonRouterLink:
                 self._route_guarded(conn, hdr, mv)
                 if conn.closing:
                     return
-            if len(records) < _RING_BATCH:
-                return
 
     def _poll_rings(self) -> None:
         self._ring_poll = None
@@ -947,7 +941,6 @@ class PythonRouterLink:
 
     def _write_ring(self, conn: _Conn, ring: _Ring) -> None:
         backlog = ring.backlog
-        wrote = 0
         while backlog:
             batch = list(itertools.islice(backlog, _RING_BATCH))
             try:
@@ -959,13 +952,9 @@ class PythonRouterLink:
                 return
             for _ in range(n):
                 backlog.popleft()
-            wrote += n
             self._stats["frames_out"] += n
             if n < len(batch):
                 break
-        if wrote and struct.unpack_from("<I", ring.r2c_map, _WAITERS_OFF)[0]:
-            with contextlib.suppress(OSError):
-                os.eventfd_write(ring.r2c_bell, 1)
         if backlog and self._ring_retry is None and self._loop is not None:
             self._ring_retry = self._loop.call_later(_RING_RETRY_S, self._retry_rings)
 
