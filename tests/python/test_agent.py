@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from baton import wire
+from baton import protocol, wire
 from baton.agent import Agent, AgentTask, TaskFailed
 from baton.client import Client
 from baton.client_errors import DaemonNotRunning
@@ -328,6 +328,111 @@ def test_agent_survives_a_cut_connection_and_each_task_completes_once(router_kin
             assert agent.accepted == 1 and agent.rejected == 1
             assert c.get("held").result == "attempt 2"
         r.stop()
+
+
+# --- the shared-memory ring pair (ring=True) ---------------------------------------------------------------------
+
+
+def _close_from_daemon(h: InProcess, endpoint: int) -> None:
+    """The coordinator tells the router to close the agent's connection (CTL_CLOSE)."""
+    hdr = wire.FrameHeader(type=MsgType.CTL_CLOSE, source=protocol.EP_COORDINATOR)
+    frame = wire.encode(hdr, protocol.CTL_CLOSE.pack(endpoint))
+    h.run(lambda: h.link.send([frame]))
+
+
+def _high_and_normal(c: Client, tag: str, n: int) -> list[str]:
+    """n tasks pushed HIGH (base_priority >= 8) and n NORMAL ones; their ids."""
+    specs = [{"id": f"{tag}-h{i}", "summary": "s", "agent_type": "w", "base_priority": 9, "input": i}
+             for i in range(n)]
+    specs += [{"id": f"{tag}-n{i}", "summary": "s", "agent_type": "w", "base_priority": 3, "input": i}
+              for i in range(n)]
+    c.enqueue(specs)
+    return [s["id"] for s in specs]
+
+
+def test_ring_agent_takes_high_tasks_by_ring_and_renegotiates_after_a_close(daemon: InProcess) -> None:
+    """HIGH TASKs (and the acknowledgements of their HIGH results) arrive on the r2c ring, the results leave on
+    c2r; NORMAL ones stay on the socket.  After the daemon closes the connection, the agent reconnects and gets
+    a new ring pair."""
+    seen: dict[str, int] = {}
+
+    def handler(task: AgentTask) -> Any:
+        seen[task.id] = task.priority
+        return task.input
+
+    n = 5
+    agent = Agent("w", wip=4, socket=daemon.socket_path, ring=True, backoff_initial_s=0.01)
+    r = Running(agent, handler)
+    with Client(daemon.socket_path) as c:
+        _agents(c)
+        wait_for(lambda: agent.rings == 1, what="the ring pair")
+        ids = _high_and_normal(c, "one", n)
+        assert c.wait(ids, timeout=30).statuses == {i: "completed" for i in ids}
+        wait_for(lambda: agent.accepted == 2 * n, what="the acknowledgements")
+        assert {i: p for i, p in seen.items() if "-h" in i} == {f"one-h{i}": wire.Priority.HIGH for i in range(n)}
+        assert {i: p for i, p in seen.items() if "-n" in i} == {f"one-n{i}": wire.Priority.NORMAL for i in range(n)}
+        # Exactly the HIGH tasks and their acknowledgements came through the ring, nothing NORMAL did.
+        assert agent.ring_frames_in == 2 * n and agent.ring_frames_out == n
+        assert agent.rejected == 0 and agent.unacked == 0
+
+        _close_from_daemon(daemon, agent.endpoint)
+        wait_for(lambda: agent.connections == 2 and agent.rings == 2, what="the reconnect and its ring pair")
+        _agents(c)
+        ids = _high_and_normal(c, "two", n)
+        assert c.wait(ids, timeout=30).statuses == {i: "completed" for i in ids}
+        wait_for(lambda: agent.accepted == 4 * n, what="the acknowledgements")
+        assert agent.ring_frames_in == 4 * n and agent.ring_frames_out == 2 * n
+        assert agent.rejected == 0 and agent.unacked == 0
+    r.stop()
+    assert agent._rings is None
+
+
+def test_ring_agent_without_libbaton_uses_the_socket(
+    daemon: InProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from baton import native
+
+    monkeypatch.setattr(native, "AVAILABLE", False)
+    agent = Agent("w", wip=2, socket=daemon.socket_path, ring=True)
+    with caplog.at_level(logging.WARNING, logger="baton.agent"):
+        r = Running(agent, lambda task: task.input)
+        with Client(daemon.socket_path) as c:
+            _agents(c)
+            ids = _high_and_normal(c, "s", 3)
+            assert c.wait(ids, timeout=30).statuses == {i: "completed" for i in ids}
+            wait_for(lambda: agent.accepted == 6, what="the acknowledgements")
+        r.stop()
+    assert agent.rings == 0 and agent.ring_frames_in == 0 and agent.ring_frames_out == 0
+    assert sum("uses the socket only" in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_ring_agent_when_the_daemon_refuses_rings(
+    daemon: InProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RING_SETUP answered with an error (here: a capacity the router refuses): logged once, socket only."""
+    from baton.client import _Core
+
+    original = _Core.frame
+
+    def bad_capacity(self: _Core, mtype: int, payload: bytes, **kw: Any) -> bytes:
+        if mtype == MsgType.RING_SETUP:  # destination = ring capacity; 3 is not a power of two >= 4096
+            kw["dest"] = 3
+        return original(self, mtype, payload, **kw)
+
+    monkeypatch.setattr(_Core, "frame", bad_capacity)
+    agent = Agent("w", wip=2, socket=daemon.socket_path, ring=True, backoff_initial_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="baton.agent"):
+        r = Running(agent, lambda task: task.input)
+        with Client(daemon.socket_path) as c:
+            _agents(c)
+            ids = _high_and_normal(c, "r", 3)
+            assert c.wait(ids, timeout=30).statuses == {i: "completed" for i in ids}
+            wait_for(lambda: agent.accepted == 6, what="the acknowledgements")
+            _close_from_daemon(daemon, agent.endpoint)
+            wait_for(lambda: agent.connections == 2, what="the reconnect")
+        r.stop()
+    assert agent.rings == 0 and agent.ring_frames_in == 0
+    assert sum("refused the shared-memory ring" in rec.getMessage() for rec in caplog.records) == 1
 
 
 # --- a scripted daemon: frame orders a correct daemon never sends ------------------------------------------------

@@ -17,6 +17,11 @@
   ``stop_timeout``), waits briefly for their acknowledgements, then disconnects; tasks the router had queued
   for this agent but not delivered are requeued by the coordinator when the connection closes.  A second
   signal stops at once.
+- ``ring=True``: after HELLO the agent negotiates the shared-memory ring pair (RING_SETUP; docs/client.md,
+  "Agent").  The router then sends it CRITICAL/HIGH frames (TASKs of ``base_priority`` >= 8) through the r2c
+  ring, read on its doorbell eventfd in the agent's loop, and the agent sends its CRITICAL/HIGH frames (the
+  results of those tasks) through the c2r ring; the rest stays on the socket.  Without libbaton, or when the
+  daemon answers ``ring_unavailable``, it logs once and uses the socket only.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import msgpack
 from baton import wire
 from baton.client import _AsyncConnection, hello_payload, pack, resolve_socket_path, unpack
 from baton.client_errors import ConnectionLost, DaemonNotRunning, Refused, RemoteError, RequestTimeout
+from baton.errors import BatonError, FrameError
 from baton.protocol import MsgType
 
 __all__ = ["Agent", "AgentTask", "Handler", "TaskFailed"]
@@ -55,9 +61,10 @@ class AgentTask:
     """One task handed to this agent.  ``token`` is the fencing token of this attempt (the result carries it
     back); ``dispatch_id`` the router's id of this hand-over."""
 
-    __slots__ = ("id", "token", "agent_type", "attempt", "input", "metadata", "lease_s", "timeout_s", "dispatch_id")
+    __slots__ = ("id", "token", "agent_type", "attempt", "input", "metadata", "lease_s", "timeout_s", "dispatch_id",
+                 "priority")
 
-    def __init__(self, payload: Mapping[str, Any], dispatch_id: int) -> None:
+    def __init__(self, payload: Mapping[str, Any], dispatch_id: int, priority: int = wire.Priority.NORMAL) -> None:
         self.id: str = str(payload["id"])
         self.token: int = int(payload["token"])
         self.agent_type: str = str(payload.get("agent_type") or "")
@@ -68,6 +75,7 @@ class AgentTask:
         self.lease_s: float | None = payload.get("lease_s")
         self.timeout_s: float | None = payload.get("timeout_s")
         self.dispatch_id = dispatch_id
+        self.priority = priority  # of the TASK frame; the RESULT travels at the same priority (NORMAL at most)
 
     def as_dict(self) -> dict[str, Any]:
         """The task as ``baton worker`` hands it to a program (JSON on stdin)."""
@@ -93,6 +101,40 @@ def _is_async(handler: Handler) -> bool:
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
 
 
+class _Rings:
+    """One connection's ring pair (docs/protocol.md, "Shared-memory rings"): the agent produces on c2r (its
+    publishes ring the router's c2r doorbell when the router sleeps) and consumes r2c (woken by the r2c
+    doorbell after arming).  Owns both ring ends and both eventfds."""
+
+    def __init__(self, fds: list[int]) -> None:
+        from baton import native
+
+        c2r_fd, r2c_fd, self.c2r_bell, self.r2c_bell = fds
+        self.c2r: Any = None
+        self.r2c: Any = None
+        try:
+            self.c2r = native.Ring.attach(c2r_fd, native.PRODUCER)
+            self.r2c = native.Ring.attach(r2c_fd, native.CONSUMER)
+            self.c2r.set_doorbell(self.c2r_bell)
+            os.set_blocking(self.r2c_bell, False)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for fd in (c2r_fd, r2c_fd):  # attach keeps its own mapping
+                os.close(fd)
+
+    def close(self) -> None:
+        for ring in (self.c2r, self.r2c):
+            if ring is not None:
+                ring.close()  # closing the producer end rings c2r_bell one last time: close the fds after
+        self.c2r = self.r2c = None
+        for fd in (self.c2r_bell, self.r2c_bell):
+            if fd >= 0:
+                os.close(fd)
+        self.c2r_bell = self.r2c_bell = -1
+
+
 class Agent:
     """A worker process's connection to the daemon for one agent type (see the module docstring)."""
 
@@ -109,6 +151,7 @@ class Agent:
         connect_timeout: float = 5.0,
         stop_timeout: float = 30.0,
         retry_first_connect: bool = False,
+        ring: bool = False,
     ) -> None:
         if wip < 1:
             raise ValueError(f"wip must be at least 1 (tasks this agent runs at once), got {wip}")
@@ -124,12 +167,19 @@ class Agent:
         # A worker started before its daemon would otherwise exit at once; by default the first failure is
         # reported (DaemonNotRunning) so that a mistyped socket is not retried for ever.
         self.retry_first_connect = retry_first_connect
+        self.ring = ring  # negotiate the shared-memory ring pair on every connection (see the module docstring)
         # Counters, for people and tests.
         self.completed = 0  # handler returned
         self.failed = 0  # handler raised
         self.accepted = 0  # results the coordinator acknowledged as accepted
         self.rejected = 0  # ... as not accepted (stale token, task cancelled meanwhile)
         self.connections = 0  # successful handshakes (1 + reconnects)
+        self.rings = 0  # connections that got their ring pair
+        self.ring_frames_in = 0  # frames read from the r2c ring
+        self.ring_frames_out = 0  # frames written to the c2r ring
+        self._rings: _Rings | None = None
+        self._ring_off = False  # the ring cannot work here (no libbaton, attach failed): socket only from now on
+        self._ring_logged = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._force = False
@@ -138,7 +188,7 @@ class Agent:
         self._is_async = False
         self._pool: ThreadPoolExecutor | None = None
         self._running: dict[int, tuple[AgentTask, asyncio.Task[None]]] = {}  # dispatch id -> task
-        self._unacked: dict[int, bytes] = {}  # dispatch id -> RESULT payload, until acknowledged
+        self._unacked: dict[int, tuple[bytes, int]] = {}  # dispatch id -> RESULT (payload, priority) until acked
         self._acked = asyncio.Event()
         self._connected_event = threading.Event()
 
@@ -219,6 +269,7 @@ class Agent:
             if self._conn is not None:
                 await self._conn.close()
                 self._conn = None
+            self._detach_rings()
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
@@ -235,8 +286,9 @@ class Agent:
             while not stop.is_set():
                 conn = _AsyncConnection(self.socket_path, self._on_frame)
                 hello = hello_payload(self.name, self.agent_type, self.capabilities, self.wip)
+                ring = self._want_ring()
                 try:
-                    await conn.open(hello, self.connect_timeout)
+                    await conn.open(hello, self.connect_timeout, ring=ring)
                 except Refused:
                     raise
                 except (DaemonNotRunning, ConnectionLost, RequestTimeout, RemoteError) as exc:
@@ -249,6 +301,9 @@ class Agent:
                     await asyncio.wait({stop_wait}, timeout=pause)
                     continue
                 delay = self.backoff_initial_s
+                if ring and not self._attach_rings(conn):
+                    await conn.close()
+                    continue  # at once, without the ring
                 self._conn = conn
                 self.connections += 1
                 self._connected_event.set()
@@ -262,12 +317,93 @@ class Agent:
                     beat.cancel()
                     lost.cancel()
                 if not conn.closed.is_set():
-                    break  # stopping with the connection up: _drain uses it
+                    break  # stopping with the connection up: _drain uses it (and its rings)
+                self._detach_rings()
                 self._connected_event.clear()
                 log.warning("lost the connection to %s; %d running, %d unacknowledged result(s) kept; reconnecting",
                             self.socket_path, len(self._running), len(self._unacked))
         finally:
             stop_wait.cancel()
+
+    # -- rings --
+
+    def _want_ring(self) -> bool:
+        if not self.ring or self._ring_off:
+            return False
+        from baton import native
+
+        if not native.AVAILABLE:
+            self._ring_off = True
+            log.warning("ring=True but %s; the agent uses the socket only", native.LOAD_ERROR)
+            return False
+        return True
+
+    def _attach_rings(self, conn: _AsyncConnection) -> bool:
+        """Take the ring pair RING_READY handed over; False when it cannot be used (the caller reconnects
+        without it: the router would send HIGH frames to a ring nobody reads).  Refused is not an error."""
+        if conn.ring_error is not None:
+            if not self._ring_logged:
+                self._ring_logged = True
+                log.warning("the daemon refused the shared-memory ring (%s); the agent uses the socket",
+                            conn.ring_error)
+            return True
+        fds, conn.ring_fds = conn.ring_fds, []
+        try:
+            rings = _Rings(fds)
+        except (BatonError, OSError) as exc:
+            self._ring_off = True
+            log.error("cannot attach the shared-memory rings (%s); reconnecting without them", exc)
+            return False
+        self._rings = rings
+        self.rings += 1
+        assert self._loop is not None
+        self._loop.add_reader(rings.r2c_bell, self._on_bell)
+        log.debug("ring pair attached (connection %d)", self.connections + 1)
+        self._pump_ring()  # anything published before the doorbell was watched, then arm
+        return True
+
+    def _detach_rings(self) -> None:
+        rings, self._rings = self._rings, None
+        if rings is None:
+            return
+        if self._loop is not None and rings.r2c_bell >= 0:
+            self._loop.remove_reader(rings.r2c_bell)
+        rings.close()
+
+    def _on_bell(self) -> None:
+        rings = self._rings
+        if rings is None:
+            return
+        try:
+            os.eventfd_read(rings.r2c_bell)
+        except (BlockingIOError, OSError):
+            pass  # a stale or already-consumed ring: harmless
+        rings.r2c.disarm()
+        self._pump_ring()
+
+    def _pump_ring(self) -> None:
+        """Read r2c until it is empty and armed: the agent never sleeps with records in the ring."""
+        rings = self._rings
+        while rings is not None and rings is self._rings:
+            try:
+                records = rings.r2c.read_batch(0)
+                if not records:
+                    if rings.r2c.arm():
+                        return  # empty and armed: the router's next publish rings r2c_bell
+                    continue
+            except BatonError as exc:  # PeerClosed: the router ended the ring; the socket's end follows
+                log.debug("r2c ring ended (%s)", exc)
+                if self._loop is not None:
+                    self._loop.remove_reader(rings.r2c_bell)
+                return
+            for rec in records:
+                try:
+                    header, payload, _ = wire.decode(rec, wire.MAX_PAYLOAD_LIMIT)
+                except FrameError as exc:
+                    log.error("dropping a malformed frame from the r2c ring: %s", exc)
+                    continue
+                self.ring_frames_in += 1
+                self._on_frame(header, bytes(payload))
 
     async def _heartbeats(self, conn: _AsyncConnection) -> None:
         period = conn.core.welcome.get("heartbeat_s")
@@ -290,11 +426,21 @@ class Agent:
 
     def _send_result(self, dispatch_id: int) -> None:
         conn = self._conn
-        payload = self._unacked.get(dispatch_id)
-        if conn is None or payload is None or not conn.is_open:
+        entry = self._unacked.get(dispatch_id)
+        if conn is None or entry is None or not conn.is_open:
             return  # kept in _unacked: sent again after the reconnect
+        payload, priority = entry
+        frame = conn.core.frame(MsgType.RESULT, payload, corr=dispatch_id, priority=priority)
+        rings = self._rings
+        if rings is not None and priority <= wire.Priority.HIGH:
+            try:
+                rings.c2r.write(frame)
+                self.ring_frames_out += 1
+                return
+            except BatonError as exc:  # RingFull, FrameTooLarge: the socket takes it
+                log.debug("c2r ring write failed (%s); result of dispatch %d goes by socket", exc, dispatch_id)
         try:
-            conn.write(conn.core.frame(MsgType.RESULT, payload, corr=dispatch_id))
+            conn.write(frame)
         except ConnectionLost:
             return
         # Result frames are small and the socket rarely pushes back; drain in the background so a handler's
@@ -343,7 +489,7 @@ class Agent:
     def _on_task(self, header: wire.FrameHeader, payload: bytes) -> None:
         dispatch_id = header.correlation_id
         try:
-            task = AgentTask(unpack(payload), dispatch_id)
+            task = AgentTask(unpack(payload), dispatch_id, header.priority)
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             log.error("dropping a malformed TASK frame (dispatch %d): %s", dispatch_id, exc)
             return
@@ -389,7 +535,7 @@ class Agent:
             payload = pack({"id": task.id, "token": task.token, "ok": False, "error": text})
             self.failed += 1
         self._running.pop(task.dispatch_id, None)
-        self._unacked[task.dispatch_id] = payload
+        self._unacked[task.dispatch_id] = (payload, min(task.priority, wire.Priority.NORMAL))
         self._acked.clear()
         self._send_result(task.dispatch_id)
 

@@ -729,8 +729,16 @@ class _AsyncConnection:
         self._lost: BaseException | None = None
         self.closed = asyncio.Event()
         self._refused: tuple[wire.FrameHeader, bytes] | None = None
+        # open(ring=True): RING_READY's descriptors [c2r memfd, r2c memfd, c2r bell, r2c bell], now the caller's
+        # to close; or ring_error, why RING_SETUP was answered with an error.
+        self.ring_fds: list[int] = []
+        self.ring_error: RemoteError | None = None
 
-    async def open(self, hello: dict[str, Any], timeout: float) -> None:
+    async def open(self, hello: dict[str, Any], timeout: float, *, ring: bool = False) -> None:
+        """HELLO/WELCOME; with ``ring`` also RING_SETUP (docs/protocol.md, "Shared-memory rings")."""
+        if ring:
+            await self._open_with_ring(hello, timeout)
+            return
         try:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(os.fspath(self.path), limit=_READ_SIZE), timeout
@@ -749,6 +757,101 @@ class _AsyncConnection:
         except BaseException:
             await self.close()
             raise
+
+    async def _open_with_ring(self, hello: dict[str, Any], timeout: float) -> None:
+        """The handshake on the bare socket, read with recvmsg: RING_READY's descriptors ride on its bytes
+        (SCM_RIGHTS), and a stream transport's plain reads would drop them.  Frames that arrive meanwhile (TASKs
+        pushed after WELCOME) are routed once the transport takes over the socket."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.setblocking(False)
+        early: list[tuple[wire.FrameHeader, bytes]] = []
+        try:
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, os.fspath(self.path)), timeout)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise DaemonNotRunning(self.path, exc.strerror or "") from None
+            except OSError as exc:
+                raise ConnectionLost(f"cannot connect to {self.path}: {exc.strerror or exc}; check the path and "
+                                     "its permissions (the socket is 0600, owned by the daemon's user)") from None
+            except TimeoutError:
+                raise RequestTimeout(f"connecting to {self.path} took more than {timeout}s") from None
+            welcome = await self._raw_roundtrip(sock, MsgType.HELLO, pack(hello), deadline, early)
+            self.core.accept_welcome(welcome)
+            try:
+                await self._raw_roundtrip(sock, MsgType.RING_SETUP, b"", deadline, early)
+            except RemoteError as exc:
+                self.ring_error = exc
+            else:
+                if len(self.ring_fds) != 4:
+                    raise ConnectionLost(f"RING_READY carried {len(self.ring_fds)} descriptors, expected 4")
+            self._reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=_READ_SIZE)
+        except BaseException:
+            sock.close()
+            self.close_ring_fds()
+            self._fail_all(ConnectionLost(f"the connection to {self.path} was closed"))
+            raise
+        self._task = asyncio.create_task(self._read_loop(), name=f"baton-reader-{self.path.name}")
+        for header, payload in early:
+            self._route(header, payload)
+
+    async def _raw_roundtrip(self, sock: _socket.socket, mtype: int, payload: bytes, deadline: float,
+                             early: list[tuple[wire.FrameHeader, bytes]]) -> Any:
+        loop = asyncio.get_running_loop()
+        corr = self.core.next_corr()
+        await loop.sock_sendall(sock, self.core.frame(mtype, payload, corr=corr))
+        answers = (mtype, _REPLY_TYPE.get(mtype, mtype))
+        while True:
+            data = await self._recv_fds(sock, deadline)
+            if not data:
+                raise ConnectionLost(f"the daemon at {self.path} closed the connection during the handshake")
+            got = None
+            for header, body in self.core.stream.feed(data):
+                if _is_refusal(header):
+                    reply_value(header, body)  # raises Refused
+                if (got is None and header.correlation_id == corr and header.type in answers
+                        and header.flags & (wire.F_REPLY | wire.F_ERROR)):
+                    got = header, body
+                else:
+                    early.append((header, body))  # in order, the frames after the reply too
+            if got is not None:
+                return reply_value(*got)
+
+    async def _recv_fds(self, sock: _socket.socket, deadline: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, fds, _, _ = _socket.recv_fds(sock, _READ_SIZE, 8)
+            except BlockingIOError:
+                readable: asyncio.Future[None] = loop.create_future()
+
+                def wake(fut: asyncio.Future[None] = readable) -> None:
+                    if not fut.done():
+                        fut.set_result(None)
+
+                loop.add_reader(sock.fileno(), wake)
+                try:
+                    await asyncio.wait_for(readable, max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    raise RequestTimeout(f"no handshake reply from the daemon at {self.path} in time") from None
+                finally:
+                    loop.remove_reader(sock.fileno())
+                continue
+            except OSError as exc:
+                raise ConnectionLost(f"the connection to the daemon at {self.path} failed ({exc})") from None
+            for fd in fds:
+                os.set_inheritable(fd, False)
+            self.ring_fds.extend(fds)
+            return data
+
+    def close_ring_fds(self) -> None:
+        fds, self.ring_fds = self.ring_fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     @property
     def is_open(self) -> bool:
