@@ -44,7 +44,8 @@ _NS = 1_000_000_000
 _TYPES = ("bench-a", "bench-b")
 _CORR = struct.Struct("<Q")
 _MEASUREMENTS = ("rt", "handoff", "throughput")
-_ANSWERED_BY: dict[int, int] = {MsgType.HELLO: MsgType.WELCOME, MsgType.RING_SETUP: MsgType.RING_READY}  # errors keep the type
+# The reply type of a request whose answer has its own type (an error reply keeps the request's type).
+_ANSWERED_BY: dict[int, int] = {MsgType.HELLO: MsgType.WELCOME, MsgType.RING_SETUP: MsgType.RING_READY}
 
 
 def now_ns() -> int:
