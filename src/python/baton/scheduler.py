@@ -81,7 +81,6 @@ from baton.taskstate import (
     given_fields,
     pack_image,
     pack_spec,
-    pack_tuple,
     pack_values,
     unpack_image,
     unpack_spec,
@@ -596,7 +595,7 @@ class Scheduler:
                 requeued_from.get(tid) if requeued_from else None, None, manifest_id, prereqs,
             )
             r = TaskRecord(*img, static)
-            r.img = pack_tuple(img)
+            r.img = pack_values(img)
             seq += 1
             by_id[tid] = r
             if r.idem is not None:

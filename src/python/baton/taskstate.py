@@ -23,7 +23,7 @@ import ormsgpack
 from baton.models import SPEC_DEFAULTS, Submission, encode_payload
 
 __all__ = [
-    "TaskRecord", "IMAGE_FIELDS", "pack_image", "pack_tuple", "pack_values", "unpack_image", "unpack_values",
+    "TaskRecord", "IMAGE_FIELDS", "pack_image", "pack_values", "unpack_image", "unpack_values",
     "pack_spec", "unpack_spec", "spec_fields", "given_fields",
 ]
 
@@ -108,9 +108,6 @@ def pack_image(rec: TaskRecord) -> bytes:
     return pack_values(_image_of(rec))
 
 
-pack_tuple: Final = pack_values  # an image built as a tuple in IMAGE_FIELDS order
-
-
 def unpack_values(blob: bytes) -> Any:
     """An image or journal entry as stored: arrays become tuples (see TaskRecord.history)."""
     return msgpack.unpackb(blob, raw=False, strict_map_key=False, use_list=False)
@@ -163,16 +160,16 @@ def spec_fields(s: Submission) -> dict[str, Any]:
 def pack_spec(s: Submission) -> bytes:
     """The spec blob.  Raises ValueError if ``metadata`` holds a value that would not come back exactly (a
     tuple would come back as a list): strict packing checks that in the same pass that packs it."""
-    fields = spec_fields(s)
+    given = spec_fields(s)
     try:
-        packed: bytes = _STRICT_PACK(fields)
+        packed: bytes = _STRICT_PACK(given)
         return packed
     except (TypeError, ValueError, OverflowError):
         pass
-    if "metadata" in fields:
-        encode_payload(fields["metadata"])  # raises the ValueError that names the problem
+    if "metadata" in given:
+        encode_payload(given["metadata"])  # raises the ValueError that names the problem
     # Not reached with validated fields (pydantic returns exact types), kept so nothing valid is refused.
-    loose: bytes = _PACK(fields)
+    loose: bytes = _PACK(given)
     return loose
 
 
