@@ -99,7 +99,6 @@ _PRIVILEGED: Final = frozenset(
     }
 )
 _TO_COORDINATOR: Final = frozenset({MsgType.HELLO, MsgType.CALL, MsgType.RESULT, MsgType.HEARTBEAT})
-_KNOWN: Final = frozenset(int(t) for t in MsgType)
 
 try:  # rings are optional: the Python router must run where libbaton is missing (PYTHON_ONLY)
     from baton import native as _native
@@ -218,9 +217,6 @@ class _Conn:
         "ep",
         "sock",
         "fd",
-        "pid",
-        "uid",
-        "gid",
         "chunks",
         "chunks_len",
         "need",
@@ -240,11 +236,10 @@ class _Conn:
         "close_timer",
     )
 
-    def __init__(self, ep: int, sock: socket.socket, pid: int, uid: int, gid: int) -> None:
+    def __init__(self, ep: int, sock: socket.socket) -> None:
         self.ep = ep
         self.sock = sock
         self.fd = sock.fileno()
-        self.pid, self.uid, self.gid = pid, uid, gid
         # Input: chunks are kept in a list until they can hold the next frame, so a large frame arriving in
         # many reads is joined once (not once per read).
         self.chunks: list[bytes] = []
@@ -360,7 +355,7 @@ class PythonRouterLink:
 
     async def recv(self) -> list[bytes]:
         while True:
-            if self._to_coord_len or any(self._to_coord):
+            if self._to_coord_len:  # every frame counts at least its header
                 out: list[bytes] = []
                 for lst in self._to_coord:
                     out += lst
@@ -442,7 +437,7 @@ class PythonRouterLink:
             return
         ep = (self.options.generation << 32) | self._next_n
         self._next_n += 1
-        conn = _Conn(ep, sock, pid, uid, gid)
+        conn = _Conn(ep, sock)
         self._conns[ep] = conn
         self._stats["accepted"] += 1
         # CRITICAL so that, within a coordinator batch, it precedes every frame of this endpoint.
@@ -590,11 +585,9 @@ class PythonRouterLink:
         t = hdr.type
         ep = conn.ep
         if t in _TO_COORDINATOR:
+            self._coord(hdr.priority, _restamp(raw, hdr, ep))
             if t == MsgType.RESULT and not hdr.flags & F_REPLY:
-                self._coord(hdr.priority, _restamp(raw, hdr, ep))
                 self._result(conn, hdr.correlation_id)
-            else:
-                self._coord(hdr.priority, _restamp(raw, hdr, ep))
         elif t == MsgType.DIRECT:
             self._direct(ep, hdr, raw)
         elif t in (MsgType.PUBLISH, MsgType.MULTICAST, MsgType.BROADCAST):
@@ -674,11 +667,7 @@ class PythonRouterLink:
             if conn is not None:
                 (conn.topics if t == MsgType.SUBSCRIBE else conn.groups).add(name)
         else:
-            members = table.get(name)
-            if members is not None:
-                members.discard(ep)
-                if not members:
-                    del table[name]
+            self._drop_member(table, name, ep)
             if conn is not None:
                 (conn.topics if t == MsgType.UNSUBSCRIBE else conn.groups).discard(name)
         if hdr.correlation_id and not hdr.flags & F_REPLY:
@@ -708,10 +697,7 @@ class PythonRouterLink:
     # --- work queues --------------------------------------------------------------------------------------
 
     def _push_task(self, hdr: FrameHeader, raw: memoryview) -> None:
-        qid = hdr.destination
-        q = self._queues.get(qid)
-        if q is None:
-            q = self._queues[qid] = _Queue()
+        q = self._queue(hdr.destination)
         task = _Task(hdr.correlation_id, hdr.priority, raw, hdr)
         old = q.index.get(task.dispatch_id)
         if old is not None:  # a dispatch id is unique per push; a repeat replaces the queued one
@@ -764,17 +750,23 @@ class PythonRouterLink:
                 break
             self._hand(conn, task)
 
+    def _queue(self, qid: int) -> _Queue:
+        q = self._queues.get(qid)
+        if q is None:
+            q = self._queues[qid] = _Queue()
+        return q
+
+    def _leave_queue(self, conn: _Conn) -> None:
+        q = self._queues.get(conn.queue) if conn.queue else None
+        if q is not None and conn in q.agents:
+            q.agents.remove(conn)
+
     def _set_agent(self, conn: _Conn, qid: int, credit: int) -> None:
         if conn.queue != qid:
-            old = self._queues.get(conn.queue) if conn.queue else None
-            if old is not None and conn in old.agents:
-                old.agents.remove(conn)
+            self._leave_queue(conn)
             conn.queue = qid
             if qid:
-                q = self._queues.get(qid)
-                if q is None:
-                    q = self._queues[qid] = _Queue()
-                q.agents.append(conn)
+                self._queue(qid).agents.append(conn)
         conn.credit = credit if qid else 0
         if qid:
             self._dispatch(self._queues[qid])
@@ -875,7 +867,7 @@ class PythonRouterLink:
             self._schedule_flush()
         if self._stopping:
             self._maybe_finish()
-        if (self._to_coord_len or any(self._to_coord)) and self._waiter is not None and not self._waiter.done():
+        if self._to_coord_len and self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def _write(self, conn: _Conn) -> None:
@@ -1031,10 +1023,7 @@ class PythonRouterLink:
             self._drop_member(self._topics, tid, conn.ep)
         for gid in conn.groups:
             self._drop_member(self._groups, gid, conn.ep)
-        if conn.queue:
-            q = self._queues.get(conn.queue)
-            if q is not None and conn in q.agents:
-                q.agents.remove(conn)
+        self._leave_queue(conn)
         held = list(conn.held)
         conn.held.clear()
         self._stats["closed"] += 1
@@ -1043,15 +1032,11 @@ class PythonRouterLink:
         log.debug("endpoint %#x closed: %s", conn.ep, why)
         if flush and (conn.pending or conn.fd_msgs) and self._loop is not None:
             # Closing stays in this table only for the flush: _write releases it when the output is empty.
-            self._conns_closing_add(conn)
+            self._closing.add(conn)
+            self._dirty.add(conn)
+            conn.close_timer = self._loop.call_later(_CLOSE_FLUSH_S, self._release, conn)
         else:
             self._release(conn)
-
-    def _conns_closing_add(self, conn: _Conn) -> None:
-        assert self._loop is not None
-        self._closing.add(conn)
-        self._dirty.add(conn)
-        conn.close_timer = self._loop.call_later(_CLOSE_FLUSH_S, self._release, conn)
 
     def _release(self, conn: _Conn) -> None:
         if conn.close_timer is not None:
@@ -1066,10 +1051,7 @@ class PythonRouterLink:
                 conn.writing = False
             self._stop_reading(conn)
         conn.fd_msgs.clear()  # the descriptors belong to conn.ring, closed below
-        if conn.ring is not None:
-            if loop is not None:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(conn.ring.c2r_bell)
+        if conn.ring is not None:  # _stop_reading above took its doorbell off the loop
             conn.ring.close()
             conn.ring = None
         conn.sock.close()
