@@ -71,6 +71,14 @@ def _short(text: object, width: int = 60) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
+def _read_arg(path: str) -> str:
+    """The text of a file argument ('-': stdin)."""
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def _client(args: argparse.Namespace) -> Client:
     from baton.client import Client
 
@@ -83,7 +91,7 @@ def _client(args: argparse.Namespace) -> Client:
 def _cmd_enqueue(args: argparse.Namespace) -> int:
     specs: list[dict[str, Any]]
     if args.file:
-        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+        text = _read_arg(args.file)
         data = json.loads(text)
         specs = data if isinstance(data, list) else [data]
     else:
@@ -97,9 +105,9 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
         if args.after:
             spec["prerequisites"] = args.after
         if args.input is not None:
-            spec["input"] = _json_arg(args.input, "--input")
+            spec["input"] = _json_arg(args.input)
         if args.metadata is not None:
-            spec["metadata"] = _json_arg(args.metadata, "--metadata")
+            spec["metadata"] = _json_arg(args.metadata)
         specs = [spec]
     with _client(args) as c:
         results = c.enqueue(specs)
@@ -111,7 +119,7 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_arg(text: str, flag: str) -> Any:
+def _json_arg(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
@@ -203,7 +211,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from baton.manifest import ImportResult, ValidationReport
 
-    text = sys.stdin.read() if args.path == "-" else open(args.path, encoding="utf-8").read()
+    text = _read_arg(args.path)
     with _client(args) as c:
         _progress(f"importing {args.path} ({len(text)} bytes)" + (" (dry run)" if args.dry_run else "") + " ...")
         res = c.import_manifest(text, dry_run=args.dry_run)
@@ -497,20 +505,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    from baton.client_errors import ClientError, DaemonNotRunning, RemoteError
+    from baton.client_errors import ClientError, DaemonNotRunning
 
     try:
         return int(func(args))
     except DaemonNotRunning as exc:
         print(f"baton: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
-    except RemoteError as exc:
-        print(f"baton {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except ClientError as exc:
-        print(f"baton {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
+    except (ClientError, OSError, ValueError) as exc:  # RemoteError prints as "<code>: <message>"
         print(f"baton {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
