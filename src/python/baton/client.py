@@ -696,14 +696,18 @@ def _connect_blocking(path: Path, timeout: float) -> _socket.socket:
     sock.settimeout(timeout)
     try:
         sock.connect(os.fspath(path))
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        sock.close()
-        raise DaemonNotRunning(path, exc.strerror or "") from None
     except OSError as exc:
         sock.close()
-        raise ConnectionLost(f"cannot connect to {path}: {exc.strerror or exc}; check the path and its "
-                             "permissions (the socket is 0600, owned by the daemon's user)") from None
+        raise _connect_error(path, exc) from None
     return sock
+
+
+def _connect_error(path: Path, exc: OSError) -> DaemonNotRunning | ConnectionLost:
+    """What a failed connect() to the daemon's socket means for the caller."""
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        return DaemonNotRunning(path, exc.strerror or "")
+    return ConnectionLost(f"cannot connect to {path}: {exc.strerror or exc}; check the path and its "
+                          "permissions (the socket is 0600, owned by the daemon's user)")
 
 
 # --- asyncio ---------------------------------------------------------------------------------------------------
@@ -743,11 +747,8 @@ class _AsyncConnection:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(os.fspath(self.path), limit=_READ_SIZE), timeout
             )
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise DaemonNotRunning(self.path, exc.strerror or "") from None
         except OSError as exc:
-            raise ConnectionLost(f"cannot connect to {self.path}: {exc.strerror or exc}; check the path and its "
-                                 "permissions (the socket is 0600, owned by the daemon's user)") from None
+            raise _connect_error(self.path, exc) from None
         except TimeoutError:
             raise RequestTimeout(f"connecting to {self.path} took more than {timeout}s") from None
         self._task = asyncio.create_task(self._read_loop(), name=f"baton-reader-{self.path.name}")
@@ -770,11 +771,8 @@ class _AsyncConnection:
         try:
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, os.fspath(self.path)), timeout)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                raise DaemonNotRunning(self.path, exc.strerror or "") from None
             except OSError as exc:
-                raise ConnectionLost(f"cannot connect to {self.path}: {exc.strerror or exc}; check the path and "
-                                     "its permissions (the socket is 0600, owned by the daemon's user)") from None
+                raise _connect_error(self.path, exc) from None
             except TimeoutError:
                 raise RequestTimeout(f"connecting to {self.path} took more than {timeout}s") from None
             welcome = await self._raw_roundtrip(sock, MsgType.HELLO, pack(hello), deadline, early)
