@@ -283,7 +283,7 @@ class LinkDriver(_Inbox):
         self._call(_send())
 
     def ctl(self, type: int, payload: bytes = b"", corr: int = 0, priority: int = NORMAL) -> None:
-        self.send([frame(type, priority=priority, source=protocol.EP_COORDINATOR, corr=corr, payload=payload)])
+        self.send([coord_frame(type, priority=priority, corr=corr, payload=payload)])
 
     def alive(self) -> bool:
         assert self.link is not None
@@ -382,13 +382,12 @@ class Harness:
     def push(self, queue_name: str, dispatch_id: int, priority: int = NORMAL, body: object = None) -> None:
         payload = pack({"id": f"t{dispatch_id}", "token": 1, "agent_type": queue_name, "attempt": 1,
                         "input": body, "metadata": {}, "lease_s": 30.0, "timeout_s": None})
-        self.coord.send([frame(MsgType.TASK, priority=priority, source=protocol.EP_COORDINATOR,
-                               destination=protocol.queue_id(queue_name), corr=dispatch_id, payload=payload)])
+        self.coord.send([coord_frame(MsgType.TASK, priority=priority, destination=protocol.queue_id(queue_name),
+                                     corr=dispatch_id, payload=payload)])
 
     def marker(self, c: Client, corr: int) -> None:
         """A DIRECT from the coordinator to c: arrives after every frame the coordinator caused for c before."""
-        self.coord.send([frame(MsgType.DIRECT, source=protocol.EP_COORDINATOR, destination=c.ep, corr=corr,
-                               payload=b"marker")])
+        self.coord.send([coord_frame(MsgType.DIRECT, destination=c.ep, corr=corr, payload=b"marker")])
 
     def tasks_before_marker(self, c: Client, corr: int) -> list[Frame]:
         """Send a marker to c and return the TASK frames c receives before it."""

@@ -217,8 +217,7 @@ def test_an_early_child_is_lean_and_routes_once_handed_its_descriptors(short_tmp
     # It loads libbaton while waiting for its orders, and nothing of the daemon's (pydantic, uvloop, sqlite).
     wait_for(lambda: "_native" in _maps(pid), what="the child to load libbaton")
     assert not any(lib in _maps(pid) for lib in ("pydantic_core", "uvloop", "sqlite")), _maps(pid)
-    time.sleep(0.2)
-    assert child.proc.poll() is None and child.pending
+    assert child.proc.poll() is None and child.pending  # waiting for its orders (the start below needs it alive)
     h = Harness(str(short_tmp), lambda options: NativeRouterLink(options, child=child), generation=GEN).start()
     try:
         assert _link_pid(h) == pid and not child.pending
