@@ -747,10 +747,10 @@ class _AsyncConnection:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(os.fspath(self.path), limit=_READ_SIZE), timeout
             )
+        except TimeoutError:  # an OSError too: it must come first
+            raise RequestTimeout(f"connecting to {self.path} took more than {timeout}s") from None
         except OSError as exc:
             raise _connect_error(self.path, exc) from None
-        except TimeoutError:
-            raise RequestTimeout(f"connecting to {self.path} took more than {timeout}s") from None
         self._task = asyncio.create_task(self._read_loop(), name=f"baton-reader-{self.path.name}")
         try:
             welcome = await self.roundtrip(MsgType.HELLO, pack(hello), timeout=timeout)
@@ -771,10 +771,10 @@ class _AsyncConnection:
         try:
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, os.fspath(self.path)), timeout)
+            except TimeoutError:  # an OSError too: it must come first
+                raise RequestTimeout(f"connecting to {self.path} took more than {timeout}s") from None
             except OSError as exc:
                 raise _connect_error(self.path, exc) from None
-            except TimeoutError:
-                raise RequestTimeout(f"connecting to {self.path} took more than {timeout}s") from None
             welcome = await self._raw_roundtrip(sock, MsgType.HELLO, pack(hello), deadline, early)
             self.core.accept_welcome(welcome)
             try:
