@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgpack
-
 from baton import wire
 from baton.protocol import MsgType
+from conftest import child_env
+from conftest import wait_for as wait_until
 
 T = TypeVar("T")
-REPO = Path(__file__).resolve().parents[2]
 
 
 class CallFailed(Exception):
@@ -177,30 +177,15 @@ class RawClient:
         return f.body()  # type: ignore[no-any-return]
 
 
-def wait_until(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0.01, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def daemon_env(tmp: Path) -> dict[str, str]:
     """Environment for a daemon under ``tmp``: its own runtime, state and config directories."""
-    env = dict(os.environ)
-    for k in list(env):
-        if k.startswith("BATON_") or k == "NOTIFY_SOCKET":
-            del env[k]
+    env = {k: v for k, v in child_env().items() if not k.startswith("BATON_") and k != "NOTIFY_SOCKET"}
     (tmp / "run").mkdir(exist_ok=True)
     env.update(
         XDG_RUNTIME_DIR=str(tmp / "run"),
         XDG_STATE_HOME=str(tmp / "state"),
         XDG_CONFIG_HOME=str(tmp / "config"),
         BATON_SOCKET=str(tmp / "run" / "baton" / "b.sock"),
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO / "src" / "python"), os.environ.get("PYTHONPATH")) if p),
     )
     return env
 
@@ -220,7 +205,7 @@ class InProcess:
         self.tmp = tmp
         self.socket_path = tmp / "c.sock"
         env = {"HOME": str(tmp), "XDG_STATE_HOME": str(tmp / "state"), "XDG_RUNTIME_DIR": str(tmp)}
-        self.config = load_config(None, env, {"socket_path": str(self.socket_path), **config})
+        self.config = load_config(None, env, {"socket_path": str(self.socket_path), "router": router, **config})
         self.router = router
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -240,25 +225,17 @@ class InProcess:
 
     async def _start(self, kwargs: dict[str, Any]) -> None:
         from baton.coordinator import Coordinator
+        from baton.daemon import _Daemon, _open_scheduler
         from baton.router import RouterOptions
-        from baton.scheduler import Scheduler, SchedulerConfig
-        from baton.store import TaskStore
 
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.scheduler = Scheduler(TaskStore(cfg.db_path, synchronous="NORMAL"),
-                                   config=SchedulerConfig(lease_s=cfg.lease_s))
+        self.scheduler = _open_scheduler(cfg)
         opts = RouterOptions(listen_fd=self.listen.fileno(), allowed_uid=os.getuid(), allowed_gid=None,
                              max_payload=cfg.max_frame_bytes, generation=1)
-        if self.router == "python":
-            from baton.router.python import PythonRouterLink
-
-            self.link = PythonRouterLink(opts)
-        else:
-            from baton.router.native import NativeRouterLink  # type: ignore[import-not-found,unused-ignore]
-
-            self.link = NativeRouterLink(opts)
-        await self.link.start()
+        daemon = _Daemon(cfg, None, {})
+        self.link = await daemon._start_router(opts)
+        # the daemon falls back to the Python router when the native one cannot start: a test must not
+        assert daemon.router_kind == self.router, f"the {self.router} router did not start (see the log)"
         self.coordinator = Coordinator(self.scheduler, self.link, cfg, **kwargs)
         self.task = asyncio.get_running_loop().create_task(self.coordinator.run())
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # imported where used: main() starts the router child before 
     from baton.daemon_config import DaemonConfig
     from baton.router import RouterLink
     from baton.router.native_child import Spawned
+    from baton.scheduler import Scheduler
 
 __all__ = ["serve", "main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
@@ -159,6 +160,20 @@ def _bind(path: Path) -> socket.socket:
     return sock
 
 
+def _open_scheduler(cfg: DaemonConfig) -> Scheduler:
+    """The daemon's scheduler over its task store (the state and database directories made 0700 if new)."""
+    from baton.scheduler import Scheduler, SchedulerConfig
+    from baton.store import TaskStore
+
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cfg.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # NORMAL in WAL mode: a commit is in the WAL before COMMIT returns, so a killed daemon loses nothing it
+    # acknowledged; only a power loss can lose the last transactions (docs/scheduler.md).
+    store = TaskStore(cfg.db_path, synchronous="NORMAL")
+    # The coordinator applies wip_per_agent_type (the per-type WIP limit) at start and on SIGHUP.
+    return Scheduler(store, config=SchedulerConfig(lease_s=cfg.lease_s))
+
+
 def _next_generation(state_dir: Path) -> int:
     """A per-start counter (high 32 bits of endpoint ids): ids are never reused across restarts."""
     p = state_dir / "router.generation"
@@ -197,9 +212,7 @@ class _Daemon:
         from baton import runtime_dir
         from baton.coordinator import Coordinator
         from baton.router import RouterGone, RouterOptions
-        from baton.scheduler import Scheduler, SchedulerConfig
         from baton.sd_notify import notify
-        from baton.store import TaskStore
 
         cfg = self.config
         loop = asyncio.get_running_loop()
@@ -213,9 +226,7 @@ class _Daemon:
         try:
             runtime_dir.prepare_socket_dir(cfg.socket_path)
             lock = runtime_dir.acquire_instance_lock(cfg.socket_path)
-        except runtime_dir.AlreadyRunning as exc:
-            raise StartupError(str(exc), EXIT_FAILURE) from None
-        except runtime_dir.UnsafeSocketDir as exc:
+        except (runtime_dir.AlreadyRunning, runtime_dir.UnsafeSocketDir) as exc:
             raise StartupError(str(exc), EXIT_FAILURE) from None
         except OSError as exc:
             raise StartupError(f"cannot prepare the socket directory of {cfg.socket_path}: {exc}") from None
@@ -224,16 +235,7 @@ class _Daemon:
         link: RouterLink | None = None
         try:
             try:
-                cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                cfg.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                # NORMAL in WAL mode: a commit is in the WAL before COMMIT returns, so a killed daemon loses
-                # nothing it acknowledged; only a power loss can lose the last transactions (docs/scheduler.md).
-                store = TaskStore(cfg.db_path, synchronous="NORMAL")
-                scheduler = Scheduler(
-                    store,
-                    # The coordinator applies wip_per_agent_type (the per-type WIP limit) at start and on SIGHUP.
-                    config=SchedulerConfig(lease_s=cfg.lease_s),
-                )
+                scheduler = _open_scheduler(cfg)
             except Exception as exc:
                 raise StartupError(f"cannot open the task store {cfg.db_path}: {exc}") from None
             generation = _next_generation(cfg.state_dir)
