@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_enqueue_get_list_status(h: InProcess) -> None:
     qs = c.call("queue_status")
     assert qs["total"] == 2 and qs["by_status"]["ready"] == 1
     p = c.call("pulse")
-    assert "counts" in p or "progress_pct" in p or isinstance(p, dict)
+    assert "counts" in p and "progress_pct" in p
     plan = c.call("plan")
     assert [sorted(b) for b in plan["batches"]] == [["a"], ["b"]]
     plan_w = c.call("plan", agent_type="w", wip=1)
@@ -348,6 +349,7 @@ def test_queued_task_returned_without_attempt(h: InProcess) -> None:
     f, t = a.next_task()
     a.result(f, t)
     f, t = a.next_task()
+    a.close()  # t was dispatched to it (its attempt counts); the third task waits queued in the router
     b = h.client()
     b.hello("b", agent_type="w", wip=1)
     f3, t3 = b.next_task()
@@ -368,10 +370,7 @@ def test_heartbeat_extends_and_silent_agent_loses_lease(short_tmp: Path, router:
             corr = a.send(MsgType.HEARTBEAT, {"held": [[t["id"], t["token"]]]}, corr=a.next_corr())
             hb = a.reply_to(MsgType.HEARTBEAT, corr).body()
             assert hb["renewed"] == 1 and hb["stale"] == {}
-            wait_until(lambda: True)
-            import time
-
-            time.sleep(0.15)
+            time.sleep(0.15)  # heartbeats spread over 0.9 s: longer than the 0.6 s lease
         assert _status(c, "s") == "running"
         # silence: the lease expires, another agent gets the task, the late result is refused
         b = h.client()
@@ -392,9 +391,6 @@ def test_queued_tasks_do_not_expire(short_tmp: Path, router: str) -> None:
         a.hello("a", agent_type="w", wip=1)
         c.call("enqueue", tasks=[{"id": f"k{i}", "summary": "k", "agent_type": "w"} for i in range(3)])
         f, t = a.next_task()
-        pending = []
-        import time
-
         end = time.monotonic() + 1.5  # several leases: the queued ones must still be fresh claims
         while time.monotonic() < end:
             corr = a.send(MsgType.HEARTBEAT, {"held": [[t["id"], t["token"]]]}, corr=a.next_corr())
@@ -402,7 +398,6 @@ def test_queued_tasks_do_not_expire(short_tmp: Path, router: str) -> None:
             time.sleep(0.1)
         a.result(f, t)
         f2, t2 = a.next_task()
-        pending.append(t2)
         assert t2["attempt"] == 1
         assert a.result(f2, t2)["accepted"] is True  # type: ignore[index]
         f3, t3 = a.next_task()
