@@ -208,19 +208,17 @@ void bti_router_conn_mark_close(bt_router *r, rt_conn *c, int drop_output, const
     u32v_push(&r->closing, c->slot);
 }
 
-int bti_router_conn_new(bt_router *r, int fd, const bt_peercred *cred, rt_conn **out)
+static int conn_new(bt_router *r, int fd, const bt_peercred *cred, rt_conn **out)
 {
     uint32_t slot;
     if (r->free_slots.n) {
         slot = r->free_slots.v[--r->free_slots.n];
     } else {
         if (r->nslots == r->conns_cap) {
-            uint32_t cap = r->conns_cap ? r->conns_cap * 2 : 16;
-            rt_conn **v = realloc(r->conns, cap * sizeof(*v));
+            rt_conn **v = array_grow(r->conns, &r->conns_cap, 16, sizeof(*v));
             if (!v)
                 return -ENOMEM;
             r->conns = v;
-            r->conns_cap = cap;
         }
         slot = r->nslots++;
         r->conns[slot] = NULL;
@@ -251,7 +249,7 @@ int bti_router_conn_new(bt_router *r, int fd, const bt_peercred *cred, rt_conn *
 
 int bti_router_conn_open(bt_router *r, int fd, const bt_peercred *cred, rt_conn **out)
 {
-    int rc = bti_router_conn_new(r, fd, cred, out);
+    int rc = conn_new(r, fd, cred, out);
     if (rc < 0) {
         close(fd);
         return rc;

@@ -22,12 +22,10 @@ void bti_router_coord_emit(bt_router *r, const bt_frame_hdr *h, const void *payl
             r->clen_off = 0;
         }
         if (r->nclens == r->clens_cap) {
-            uint32_t cap = r->clens_cap ? r->clens_cap * 2 : 256;
-            uint32_t *v = realloc(r->clens, cap * sizeof(*v));
+            uint32_t *v = array_grow(r->clens, &r->clens_cap, 256, sizeof(*v));
             if (!v)
                 return;
             r->clens = v;
-            r->clens_cap = cap;
         }
     }
     size_t size = BT_FRAME_HEADER_SIZE + len;
@@ -41,7 +39,8 @@ void bti_router_coord_emit(bt_router *r, const bt_frame_hdr *h, const void *payl
     r->st.coord_out++;
 }
 
-void bti_router_coord_notify(bt_router *r, uint8_t type, uint8_t prio, uint8_t flags, uint64_t src, uint64_t corr)
+/* A notification of the router's own to the coordinator, its payload in r->pay. */
+static void coord_notify(bt_router *r, uint8_t type, uint8_t prio, uint8_t flags, uint64_t src, uint64_t corr)
 {
     bt_frame_hdr h;
     hdr_init(&h, type, prio, flags, src, BT_EP_COORDINATOR, corr);
@@ -59,7 +58,7 @@ void bti_router_log(bt_router *r, const char *level, const char *fmt, ...)
     mp_array(pay, 2);
     mp_str(pay, level);
     mp_str(pay, msg);
-    bti_router_coord_notify(r, BT_MSG_ROUTER_LOG, BT_PRIO_NORMAL, 0, BT_EP_NONE, 0);
+    coord_notify(r, BT_MSG_ROUTER_LOG, BT_PRIO_NORMAL, 0, BT_EP_NONE, 0);
 }
 
 /* EP_OPEN [pid, uid, gid], before any frame of this endpoint: the coordinator batch is in order. */
@@ -70,7 +69,7 @@ void bti_router_ep_open(bt_router *r, const rt_conn *c)
     mp_uint(pay, c->cred.pid < 0 ? 0 : (uint64_t)c->cred.pid);
     mp_uint(pay, c->cred.uid);
     mp_uint(pay, c->cred.gid);
-    bti_router_coord_notify(r, BT_MSG_EP_OPEN, BT_PRIO_HIGH, 0, c->ep, 0);
+    coord_notify(r, BT_MSG_EP_OPEN, BT_PRIO_HIGH, 0, c->ep, 0);
 }
 
 /* EP_CLOSED [dispatch ids the endpoint held without a RESULT]. */
@@ -80,7 +79,7 @@ void bti_router_ep_closed(bt_router *r, const rt_conn *c)
     mp_array(pay, c->nheld);
     for (uint32_t i = 0; i < c->nheld; i++)
         mp_uint(pay, c->held[i]);
-    bti_router_coord_notify(r, BT_MSG_EP_CLOSED, BT_PRIO_HIGH, 0, c->ep, 0);
+    coord_notify(r, BT_MSG_EP_CLOSED, BT_PRIO_HIGH, 0, c->ep, 0);
 }
 
 void bti_router_dispatched(bt_router *r)
@@ -90,7 +89,7 @@ void bti_router_dispatched(bt_router *r)
     rt_buf *pay = pay_begin(r);
     mp_array(pay, r->ndisp * 2);
     buf_append(pay, r->disp.p, buf_live(&r->disp));
-    bti_router_coord_notify(r, BT_MSG_DISPATCHED, BT_PRIO_HIGH, 0, BT_EP_NONE, 0);
+    coord_notify(r, BT_MSG_DISPATCHED, BT_PRIO_HIGH, 0, BT_EP_NONE, 0);
     r->disp.len = r->disp.off = 0;
     r->ndisp = 0;
 }
@@ -156,7 +155,7 @@ static void stats_reply(bt_router *r, const bt_frame_hdr *req)
         mp_str(pay, kv[i].name);
         mp_uint(pay, kv[i].v);
     }
-    bti_router_coord_notify(r, BT_MSG_ROUTER_STATS, req->priority, BT_FRAME_F_REPLY, BT_EP_NONE, req->correlation_id);
+    coord_notify(r, BT_MSG_ROUTER_STATS, req->priority, BT_FRAME_F_REPLY, BT_EP_NONE, req->correlation_id);
 }
 
 static void coord_frame(bt_router *r, const bt_frame_hdr *h, const uint8_t *frame, uint32_t size)
@@ -203,7 +202,7 @@ static void coord_frame(bt_router *r, const bt_frame_hdr *h, const uint8_t *fram
         mp_array(pay, 2);
         mp_uint(pay, did);
         mp_uint(pay, (uint64_t)found);
-        bti_router_coord_notify(r, BT_MSG_CTL_REVOKE, h->priority, BT_FRAME_F_REPLY, BT_EP_NONE, h->correlation_id);
+        coord_notify(r, BT_MSG_CTL_REVOKE, h->priority, BT_FRAME_F_REPLY, BT_EP_NONE, h->correlation_id);
         return;
     }
     case BT_MSG_CTL_PAUSE:

@@ -229,6 +229,17 @@ static inline void map_free(rt_map *m)
     memset(m, 0, sizeof(*m));
 }
 
+/* The growth of every array the router appends to: double *cap (first: the initial capacity) and return the
+ * array moved to it, or NULL with v and *cap untouched. */
+static inline void *array_grow(void *v, uint32_t *cap, uint32_t first, size_t elem)
+{
+    uint32_t ncap = *cap ? *cap * 2 : first;
+    void *nv = realloc(v, (size_t)ncap * elem);
+    if (nv)
+        *cap = ncap;
+    return nv;
+}
+
 /* A growable array of u32 (connection slots). */
 typedef struct rt_u32v {
     uint32_t *v;
@@ -238,12 +249,10 @@ typedef struct rt_u32v {
 static inline int u32v_push(rt_u32v *a, uint32_t x)
 {
     if (a->n == a->cap) {
-        uint32_t cap = a->cap ? a->cap * 2 : 16;
-        uint32_t *v = realloc(a->v, cap * sizeof(*v));
+        uint32_t *v = array_grow(a->v, &a->cap, 16, sizeof(*v));
         if (!v)
             return -ENOMEM;
         a->v = v;
-        a->cap = cap;
     }
     a->v[a->n++] = x;
     return 0;
@@ -293,34 +302,40 @@ static inline void mp_uint(rt_buf *b, uint64_t v)
         mp_be(b, 0xcf, v, 8);
 }
 
-static inline void mp_array(rt_buf *b, uint32_t n)
+/* An array or map header: fix is its fixarray/fixmap base, tag16 its 16-bit form (the 32-bit form follows). */
+static inline void mp_container(rt_buf *b, uint8_t fix, uint8_t tag16, uint32_t n)
 {
     if (n < 16)
-        mp_byte(b, (uint8_t)(0x90 | n));
+        mp_byte(b, (uint8_t)(fix | n));
     else if (n <= 0xffff)
-        mp_be(b, 0xdc, n, 2);
+        mp_be(b, tag16, n, 2);
     else
-        mp_be(b, 0xdd, n, 4);
+        mp_be(b, (uint8_t)(tag16 + 1), n, 4);
+}
+
+static inline void mp_array(rt_buf *b, uint32_t n)
+{
+    mp_container(b, 0x90, 0xdc, n);
 }
 
 static inline void mp_map(rt_buf *b, uint32_t n)
 {
-    if (n < 16)
-        mp_byte(b, (uint8_t)(0x80 | n));
-    else
-        mp_be(b, 0xde, n, 2);
+    mp_container(b, 0x80, 0xde, n);
 }
 
+/* A string, cut at 64 KiB. */
 static inline void mp_str(rt_buf *b, const char *s)
 {
     size_t n = strlen(s);
+    if (n > 0xffff)
+        n = 0xffff;
     if (n < 32)
         mp_byte(b, (uint8_t)(0xa0 | n));
     else if (n <= 0xff)
         mp_be(b, 0xd9, n, 1);
     else
-        mp_be(b, 0xda, n & 0xffff, 2);
-    buf_append(b, s, n > 0xffff ? 0xffff : n);
+        mp_be(b, 0xda, n, 2);
+    buf_append(b, s, n);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -459,8 +474,6 @@ static inline rt_buf *pay_begin(bt_router *r)
 
 /* Append one frame to the coordinator batch; published at the end of the turn (bti_router_coord_publish). */
 void bti_router_coord_emit(bt_router *r, const bt_frame_hdr *h, const void *payload, size_t len);
-/* A notification of the router's own to the coordinator, its payload in r->pay. */
-void bti_router_coord_notify(bt_router *r, uint8_t type, uint8_t prio, uint8_t flags, uint64_t src, uint64_t corr);
 /* ROUTER_LOG to the coordinator. */
 void bti_router_log(bt_router *r, const char *level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 void bti_router_ep_open(bt_router *r, const rt_conn *c);
@@ -476,8 +489,8 @@ void bti_router_check_coord(bt_router *r, uint64_t now);
 
 /* ---- router_conn.c: connections ---- */
 
-int bti_router_conn_new(bt_router *r, int fd, const bt_peercred *cred, rt_conn **out);
-/* conn_new, then watch the socket; fd is closed on failure.  A failed watch closes the connection. */
+/* A new connection for fd, then watch the socket; fd is closed on failure.  A failed watch closes the
+ * connection. */
 int bti_router_conn_open(bt_router *r, int fd, const bt_peercred *cred, rt_conn **out);
 void bti_router_conn_free(bt_router *r, rt_conn *c);
 void bti_router_conn_unroute(bt_router *r, rt_conn *c, int notify);

@@ -19,12 +19,10 @@ static rt_queue *queue_get(bt_router *r, uint64_t id, int create)
     if (!create)
         return NULL;
     if (r->nqueues == r->qcap) {
-        uint32_t cap = r->qcap ? r->qcap * 2 : 16;
-        rt_queue **v = realloc(r->queues, cap * sizeof(*v));
+        rt_queue **v = array_grow(r->queues, &r->qcap, 16, sizeof(*v));
         if (!v)
             return NULL;
         r->queues = v;
-        r->qcap = cap;
     }
     rt_queue *q = calloc(1, sizeof(*q));
     if (!q || map_put(&r->qmap, id, r->nqueues) < 0) {
@@ -77,12 +75,10 @@ static rt_task *queue_pop(rt_queue *q)
 static int conn_hold(rt_conn *c, uint64_t dispatch_id)
 {
     if (c->nheld == c->held_cap) {
-        uint32_t cap = c->held_cap ? c->held_cap * 2 : 8;
-        uint64_t *v = realloc(c->held, cap * sizeof(*v));
+        uint64_t *v = array_grow(c->held, &c->held_cap, 8, sizeof(*v));
         if (!v)
             return -ENOMEM;
         c->held = v;
-        c->held_cap = cap;
     }
     c->held[c->nheld++] = dispatch_id;
     return 0;
@@ -274,12 +270,10 @@ static int sets_add(rt_sets *s, uint64_t id, uint32_t slot)
     rt_set *set = sets_get(s, id);
     if (!set) {
         if (s->n == s->cap) {
-            uint32_t cap = s->cap ? s->cap * 2 : 16;
-            rt_set *v = realloc(s->v, cap * sizeof(*v));
+            rt_set *v = array_grow(s->v, &s->cap, 16, sizeof(*v));
             if (!v)
                 return -ENOMEM;
             s->v = v;
-            s->cap = cap;
         }
         if (map_put(&s->map, id, s->n) < 0)
             return -ENOMEM;
