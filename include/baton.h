@@ -47,6 +47,18 @@ static inline uint64_t bt_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* One spin-wait pause (x86 PAUSE, arm64 YIELD): the ring's and the router's polling loops. */
+static inline void bti_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
 /* Version of the library that is loaded (may differ from BT_VERSION_STRING of the header compiled in). */
 const char *bt_version(void);
 

@@ -31,17 +31,6 @@
 /* Spin iterations between two clock reads: a clock read costs ~20 ns, a pause ~10-40 ns. */
 #define RING_SPIN_CLOCK_EVERY 32
 
-static inline void ring_cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield" ::: "memory");
-#else
-    __asm__ __volatile__("" ::: "memory");
-#endif
-}
-
 static int ring_is_pow2(uint64_t v)
 {
     return v != 0 && (v & (v - 1)) == 0;
@@ -82,8 +71,6 @@ static void ring_bell(int efd)
         n = write(efd, &one, sizeof(one));
     } while (n < 0 && errno == EINTR);
 }
-
-
 
 static int ring_alloc_handle(bt_ring_shm *shm, size_t map_len, uint64_t capacity, uint32_t max_record,
                              int role, int fd, bt_ring **out)
@@ -515,7 +502,7 @@ static int ring_gone(bt_ring *r, uint64_t now)
 static inline int ring_poll_burst(bt_ring *r)
 {
     for (int i = 0; i < RING_SPIN_CLOCK_EVERY; i++) {
-        ring_cpu_relax();
+        bti_cpu_relax();
         int rc = ring_ready(r);
         if (rc != 0)
             return rc;

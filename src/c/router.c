@@ -260,15 +260,6 @@ static int rt_turn(bt_router *r, int timeout_ms)
     return work;
 }
 
-static inline void rt_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield" ::: "memory");
-#endif
-}
-
 static int rt_rings_ready(bt_router *r)
 {
     const void *p;
@@ -290,7 +281,7 @@ static int rt_spin(bt_router *r)
     uint64_t start = bt_now_ns(), now = start, last_io = start;
     while (now - start < r->cfg.spin_ns) {
         for (int i = 0; i < 32; i++) {
-            rt_relax();
+            bti_cpu_relax();
             if (rt_rings_ready(r))
                 return 1;
         }
@@ -479,7 +470,6 @@ int bti_router_adopt(bt_router *r, int fd, const bt_peercred *cred, uint64_t *ep
         *ep = c->ep;
     return 0;
 }
-
 
 int bti_router_turn(bt_router *r, int timeout_ms)
 {
