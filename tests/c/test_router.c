@@ -324,7 +324,7 @@ static void ctl_pause(uint32_t on)
     coord_send(BT_MSG_CTL_PAUSE, BT_PRIO_HIGH, 0, 0, &on, 4);
 }
 
-/* Collect DISPATCHED pairs until n dispatches were reported; out[ep slot] counts per endpoint. */
+/* Collect DISPATCHED pairs until n dispatches were reported: the agent in eps[i], the dispatch id in ids[i]. */
 static void expect_dispatched(int n, uint64_t *eps, uint64_t *ids)
 {
     int got = 0;
@@ -384,7 +384,7 @@ static void t_tasks(client *a, client *b, client *c)
     CHECK_EQ(on_a, 2);
     CHECK_EQ(on_b, 1);
     /* Agents receive them, destination rewritten to themselves. */
-    uint64_t b_task = 0, a_tasks[2];
+    uint64_t b_task, a_tasks[2];
     cl_expect(b, &f, BT_MSG_TASK, 0);
     CHECK_EQ(f.h.destination, b->ep);
     b_task = f.h.correlation_id;
@@ -403,7 +403,6 @@ static void t_tasks(client *a, client *b, client *c)
     cl_expect(b, &f, BT_MSG_TASK, 0);
     CHECK_EQ(f.h.correlation_id, ids[0]);
     uint64_t b_task2 = ids[0];
-    (void)a_tasks;
     /* A client may not push tasks or send controls. */
     cl_send(c, BT_MSG_TASK, BT_PRIO_NORMAL, 0, q, 3, "x", 1);
     cl_expect(c, &f, BT_MSG_TASK, BT_FRAME_F_REPLY | BT_FRAME_F_ERROR);
@@ -424,7 +423,6 @@ static void t_tasks(client *a, client *b, client *c)
     expect_dispatched(1, eps, ids);
     CHECK_EQ(eps[0], a->ep);
     cl_expect(a, &f, BT_MSG_TASK, 0);
-    /* Nothing queued now: the next task goes straight through to a (credit 2, holds 2)... after a result. */
     ctl_agent(a->ep, 0, 0); /* stop serving */
 }
 

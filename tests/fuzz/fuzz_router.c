@@ -153,8 +153,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t chunk = (ctl & 0x3f) ? (size_t)(ctl & 0x3f) : size;
     for (size_t off = 0; off < size;) {
         size_t k = size - off < chunk ? size - off : chunk;
-        if (k == 0)
-            k = size - off;
         if (bti_router_feed(R, a, data + off, k) < 0)
             break; /* the endpoint was closed by what it sent */
         off += k;
