@@ -38,7 +38,7 @@ from typing import Any
 import msgpack
 
 from baton import wire
-from baton.protocol import EP_COORDINATOR, MsgType
+from baton.protocol import EP_COORDINATOR, PROTOCOL_VERSION, MsgType
 
 _NS = 1_000_000_000
 _TYPES = ("bench-a", "bench-b")
@@ -72,7 +72,8 @@ class Peer:
         self.r2c: Any = None
         self._fds: list[int] = []
         self._bell = -1
-        hello = {"v": 1, "name": name, "pid": os.getpid(), "agent_type": agent_type, "capabilities": [], "wip": wip}
+        hello = {"v": PROTOCOL_VERSION, "name": name, "pid": os.getpid(), "agent_type": agent_type,
+                 "capabilities": [], "wip": wip}
         _, welcome = self.call(MsgType.HELLO, hello, EP_COORDINATOR)
         self.endpoint: int = welcome["endpoint"]
 
@@ -169,7 +170,7 @@ def _peer_echo(path: str, ready: str) -> None:
                 c2r.write(wire.encode(reply, payload))
 
 
-_HDR = struct.Struct("<IBBBBIIQQQQ")  # the frame header (wire.py's layout), packed and parsed directly
+_HDR = wire._HDR  # the frame header's layout: the agents pack and parse it directly
 _HSIZE = wire.HEADER_SIZE
 _T_TASK = int(MsgType.TASK)
 _T_RESULT = int(MsgType.RESULT)
@@ -577,9 +578,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tempfile import TemporaryDirectory
 
-    from baton.daemon_config import default_socket_path
+    from baton.client import resolve_socket_path
 
-    path = args.socket or os.environ.get("BATON_SOCKET") or str(default_socket_path(os.environ))
+    path = str(resolve_socket_path(args.socket))
     what = args.what or list(_MEASUREMENTS)
     if unknown := set(what) - set(_MEASUREMENTS):
         print(f"baton bench handoff: unknown measurement {', '.join(sorted(unknown))}; choose from "
