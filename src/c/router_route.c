@@ -72,15 +72,17 @@ static rt_task *queue_pop(rt_queue *q)
     return NULL;
 }
 
-static int conn_hold(rt_conn *c, uint64_t dispatch_id)
+/* Room for `credit` held dispatches.  A dispatch is only made while nheld < credit, so with this reserved when
+ * the credit is set, dispatch() never allocates: it cannot fail after a task has left its queue. */
+static int conn_reserve_held(rt_conn *c, uint32_t credit)
 {
-    if (c->nheld == c->held_cap) {
-        uint64_t *v = array_grow(c->held, &c->held_cap, 8, sizeof(*v));
-        if (!v)
-            return -ENOMEM;
-        c->held = v;
-    }
-    c->held[c->nheld++] = dispatch_id;
+    if (credit <= c->held_cap)
+        return 0;
+    uint64_t *v = realloc(c->held, (size_t)credit * sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    c->held = v;
+    c->held_cap = credit;
     return 0;
 }
 
@@ -108,10 +110,7 @@ static rt_conn *queue_pick(bt_router *r, rt_queue *q)
  * any) is recomputed in place, the dispatch is held against c's credit and reported in DISPATCHED. */
 static void dispatch(bt_router *r, rt_conn *c, const uint8_t *frame, uint32_t size, uint64_t dispatch_id)
 {
-    if (conn_hold(c, dispatch_id) < 0) {
-        bti_router_log(r, "error", "out of memory holding dispatch %llu", (unsigned long long)dispatch_id);
-        return;
-    }
+    c->held[c->nheld++] = dispatch_id; /* room reserved with the credit (conn_reserve_held) */
     uint8_t *p = bti_router_conn_stage(r, c, size, frame[6]);
     if (p) {
         memcpy(p, frame, size);
@@ -237,6 +236,10 @@ void bti_router_agent_set(bt_router *r, rt_conn *c, uint64_t qid, uint32_t credi
             }
             c->queue = qid;
         }
+    }
+    if (conn_reserve_held(c, credit) < 0) {
+        bti_router_log(r, "error", "out of memory reserving credit %u; the agent keeps credit %u", credit, c->credit);
+        return;
     }
     c->credit = credit;
     if (c->queue) {

@@ -65,6 +65,9 @@ router_log = logging.getLogger("baton.router")
 
 SERVER_NAME: Final = "baton 0.1.0"
 ROUTER_HOLDER: Final = "router"  # the lease holder of every task the coordinator pushes
+# The router reserves room for an agent's whole credit when it is set (so a dispatch never allocates); a wip
+# above this is more than any per-type WIP limit would hand out, and is granted as this much credit.
+MAX_CREDIT: Final = 4096
 
 # The frame header (wire.py's layout): magic, version, type, priority, flags, payload_len, crc32c, source,
 # destination, correlation_id, send_ts_ns.  Packed and unpacked here directly: the router validated every
@@ -467,7 +470,7 @@ class Coordinator:
         })
         if agent_type is not None:
             self._agents_n[agent_type] += 1
-            self._set_credit(peer, wip)
+            self._set_credit(peer, min(wip, MAX_CREDIT))
             log.info("agent %d (%s, pid %s) serves %s with credit %d", src, name, peer.pid, agent_type, peer.credit)
 
     def _set_credit(self, peer: _Peer, credit: int) -> None:
