@@ -42,8 +42,9 @@ MAX_RING = 128 << 20
 
 
 def ring_capacity(max_payload: int) -> int:
-    """A ring whose records (capacity / 4) hold the largest frame, within [4 MiB, 128 MiB]."""
-    need = 4 * (max_payload + wire.HEADER_SIZE + 64)
+    """A ring whose records (capacity / 4) hold the largest frame, within [4 MiB, 128 MiB].  max_payload 0
+    means the codec's default, as it does for both routers."""
+    need = 4 * ((max_payload or wire.MAX_PAYLOAD_DEFAULT) + wire.HEADER_SIZE + 64)
     cap = MIN_RING
     while cap < need and cap < MAX_RING:
         cap *= 2
