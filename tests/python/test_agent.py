@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +26,12 @@ from baton.client import Client
 from baton.client_errors import DaemonNotRunning
 from baton.models import Status
 from baton.protocol import MsgType
+from client_fixtures import daemon, fake, router  # noqa: F401 - pytest fixtures
 from client_harness import FakeDaemon
 from conftest import REPO, child_env, wait_for
 from daemon_harness import Daemon, InProcess, daemon_env, in_process
 
 HARNESS = str(REPO / "tests/python/client_harness.py")
-
-
-@pytest.fixture(params=["native", "python"])
-def router(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def daemon(router: str, short_tmp: Path) -> Iterator[InProcess]:
-    with in_process(short_tmp, router=router) as h:
-        yield h
 
 
 class Running:
@@ -241,14 +230,13 @@ def test_first_connection_failure_is_reported(sock_path: str) -> None:
         asyncio.run(Agent("w", socket=sock_path).serve(lambda t: None))
 
 
-@pytest.mark.parametrize("router_kind", ["native", "python"])
 def test_agent_reconnects_with_backoff_and_finishes_the_work_after_a_daemon_restart(
-        router_kind: str, short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+        router: str, short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
     """SIGKILL the daemon while the agent runs a task; its result is made while no daemon runs; a new daemon on
     the same state and socket gets it (same token, still running there), and new work."""
     caplog.set_level(logging.INFO, logger="baton.agent")
     env = daemon_env(short_tmp)
-    env["BATON_ROUTER"] = router_kind
+    env["BATON_ROUTER"] = router
     gate = threading.Event()
     runs: list[str] = []
 
@@ -294,8 +282,7 @@ def test_agent_reconnects_with_backoff_and_finishes_the_work_after_a_daemon_rest
                 d.kill()
 
 
-@pytest.mark.parametrize("router_kind", ["native", "python"])
-def test_agent_survives_a_cut_connection_and_each_task_completes_once(router_kind: str, short_tmp: Path) -> None:
+def test_agent_survives_a_cut_connection_and_each_task_completes_once(router: str, short_tmp: Path) -> None:
     """The socket is cut under a running task: the coordinator hands it out again (a new token) on the new
     connection; the new attempt completes it, the first attempt's late result is refused, nothing counts twice."""
     gate = threading.Event()
@@ -307,7 +294,7 @@ def test_agent_survives_a_cut_connection_and_each_task_completes_once(router_kin
             gate.wait(10)
         return f"attempt {task.attempt}"
 
-    with in_process(short_tmp, router=router_kind) as h:
+    with in_process(short_tmp, router=router) as h:
         agent = Agent("w", wip=2, socket=h.socket_path, backoff_initial_s=0.01)
         r = Running(agent, handler)
         with Client(h.socket_path) as c:
@@ -342,8 +329,9 @@ def _close_from_daemon(h: InProcess, endpoint: int) -> None:
 
 def _high_and_normal(c: Client, tag: str, n: int) -> list[str]:
     """n tasks pushed HIGH (base_priority >= 8) and n NORMAL ones; their ids."""
-    specs = [{"id": f"{tag}-h{i}", "summary": "s", "agent_type": "w", "base_priority": 9, "input": i}
-             for i in range(n)]
+    specs: list[dict[str, Any]] = [
+        {"id": f"{tag}-h{i}", "summary": "s", "agent_type": "w", "base_priority": 9, "input": i} for i in range(n)
+    ]
     specs += [{"id": f"{tag}-n{i}", "summary": "s", "agent_type": "w", "base_priority": 3, "input": i}
               for i in range(n)]
     c.enqueue(specs)
@@ -436,12 +424,6 @@ def test_ring_agent_when_the_daemon_refuses_rings(
 
 
 # --- a scripted daemon: frame orders a correct daemon never sends ------------------------------------------------
-
-
-@pytest.fixture
-def fake(sock_path: str) -> Iterator[FakeDaemon]:
-    with FakeDaemon(sock_path) as d:
-        yield d
 
 
 def test_unacked_result_is_resent_after_reconnect_and_accepted_once(fake: FakeDaemon) -> None:

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +41,10 @@ from baton.errors import FrameTooLarge
 from baton.manifest import ImportResult, ValidationReport
 from baton.models import Status, TaskSpec
 from baton.protocol import EP_COORDINATOR, MsgType, topic_id
+from client_fixtures import daemon, fake, router  # noqa: F401 - pytest fixtures
 from client_harness import FakeDaemon, Fail
 from conftest import child_env, wait_for
 from daemon_harness import InProcess, in_process
-
-ROUTERS = ["native", "python"]
-
-
-@pytest.fixture(params=ROUTERS)
-def router(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def daemon(router: str, short_tmp: Path) -> Iterator[InProcess]:
-    """The real coordinator (SQLite store) and router, serving a unix socket."""
-    with in_process(short_tmp, router=router) as h:
-        yield h
-
 
 def _sock(h: InProcess) -> str:
     return str(h.socket_path)
@@ -354,12 +339,6 @@ def test_async_client_calls_subscriptions_and_requests(daemon: InProcess) -> Non
 
 
 # --- a scripted daemon: what a correct daemon never does ---------------------------------------------------------
-
-
-@pytest.fixture
-def fake(sock_path: str) -> Iterator[FakeDaemon]:
-    with FakeDaemon(sock_path) as d:
-        yield d
 
 
 def test_unknown_error_code_is_a_remote_error(fake: FakeDaemon) -> None:
