@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from baton import __version__
 from conftest import child_env
+from daemon_harness import in_process
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,8 +45,6 @@ def test_version_and_no_command() -> None:
 
 
 # --- commands over the client ------------------------------------------------------------------------------------
-
-import pytest  # noqa: E402
 
 CLIENT_COMMANDS = [
     ["enqueue", "--type", "t", "--summary", "s"], ["get", "x"], ["list"], ["status"], ["cancel", "x"], ["plan"],
@@ -89,7 +91,6 @@ def test_serve_offers_every_daemon_flag() -> None:
 
 def test_serve_passes_flags_to_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
     import types
-    from pathlib import Path
 
     from baton import cli
 
@@ -116,22 +117,7 @@ def test_bench_handoff_is_registered() -> None:
     assert proc.returncode == 0 and "baton bench handoff" in proc.stdout
 
 
-def _have_coordinator() -> bool:
-    try:
-        import baton.coordinator  # noqa: F401
-        import daemon_harness  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _have_coordinator(), reason="baton.coordinator is not there yet")
-def test_json_outputs_parse_against_a_real_coordinator(short_tmp: object) -> None:
-    from pathlib import Path
-
-    from daemon_harness import in_process
-
-    assert isinstance(short_tmp, Path)
+def test_json_outputs_parse_against_a_real_coordinator(short_tmp: Path) -> None:
     with in_process(short_tmp) as h:
         sock = str(h.socket_path)
 
