@@ -362,6 +362,7 @@ class Client:
         self._inbox: collections.deque[Message] = collections.deque()
         self._replies: dict[tuple[int, int], tuple[wire.FrameHeader, bytes]] = {}
         self._waiting: set[tuple[int, int]] = set()
+        self._refused: tuple[wire.FrameHeader, bytes] | None = None  # the router's "refused", until raised
         self.dropped = 0
         self._sock: _socket.socket | None = _connect_blocking(self.socket_path, connect_timeout)
         try:
@@ -406,9 +407,7 @@ class Client:
         except OSError as exc:
             self._read_leftovers()
             self.close()
-            refused = self._replies.pop((_HEADER_HELLO, -1), None)
-            if refused is not None:
-                reply_value(*refused)  # the router said why it closed (refused): that is the error to report
+            self._raise_if_refused()
             raise ConnectionLost(f"the daemon at {self.socket_path} closed the connection ({exc})") from None
 
     def _read_leftovers(self) -> None:
@@ -460,7 +459,7 @@ class Client:
                 self._replies[key] = (header, payload)
             elif _is_refusal(header):
                 # The router's "refused" greeting: it closes right after, so surface it to the waiting call.
-                self._replies[(_HEADER_HELLO, -1)] = (header, payload)
+                self._refused = (header, payload)
             elif header.flags & wire.F_ERROR:
                 _log_unsolicited_error(header, payload)
             else:
@@ -496,9 +495,7 @@ class Client:
                 got = self._replies.pop(key, None)
                 if got is not None:
                     return reply_value(*got)
-            refused = self._replies.pop((_HEADER_HELLO, -1), None)
-            if refused is not None:
-                reply_value(*refused)
+            self._raise_if_refused()
             try:
                 self._read_some(deadline)
             except TimeoutError:
@@ -507,10 +504,14 @@ class Client:
                     "or stuck (check its log), or pass a longer timeout"
                 ) from None
             except ConnectionLost:
-                refused = self._replies.pop((_HEADER_HELLO, -1), None)
-                if refused is not None:
-                    reply_value(*refused)
+                self._raise_if_refused()
                 raise
+
+    def _raise_if_refused(self) -> None:
+        """Raise the router's ``refused`` error if it sent one: it says why it closes the connection."""
+        refused, self._refused = self._refused, None
+        if refused is not None:
+            reply_value(*refused)
 
     def _roundtrip(self, mtype: int, payload: bytes, *, dest: int = 0, timeout: float | None = None,
                    priority: int = Priority.NORMAL) -> Any:
