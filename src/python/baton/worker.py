@@ -2,9 +2,10 @@
 
 CMD runs once per task with the task as JSON on stdin (``id``, ``token``, ``agent_type``, ``attempt``,
 ``input``, ``metadata``, ``timeout_s``; bytes in ``input`` arrive as base64 text, JSON has no bytes), the
-task id in ``BATON_TASK_ID`` and the attempt in ``BATON_TASK_ATTEMPT``.  Exit status 0 means success and stdout is the result: the JSON value when
-stdout parses as JSON, else the text (empty stdout: no result).  Any other exit status fails the attempt with
-the exit status and the tail of stderr as the error.  A task with ``timeout_s`` kills CMD when it is over.
+task id in ``BATON_TASK_ID`` and the attempt in ``BATON_TASK_ATTEMPT``.  Exit status 0 means success and
+stdout is the result: the JSON value when stdout parses as JSON, else the text (empty stdout: no result).
+Any other exit status fails the attempt with the exit status and the tail of stderr as the error.  A task with
+``timeout_s`` kills CMD when it is over.
 """
 
 from __future__ import annotations
