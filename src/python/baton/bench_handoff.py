@@ -38,14 +38,12 @@ from typing import Any
 import msgpack
 
 from baton import wire
-from baton.protocol import EP_COORDINATOR, PROTOCOL_VERSION, MsgType
+from baton.protocol import EP_COORDINATOR, PROTOCOL_VERSION, REPLY_TYPE, MsgType
 
 _NS = 1_000_000_000
 _TYPES = ("bench-a", "bench-b")
 _CORR = struct.Struct("<Q")
 _MEASUREMENTS = ("rt", "handoff", "throughput")
-# The reply type of a request whose answer has its own type (an error reply keeps the request's type).
-_ANSWERED_BY: dict[int, int] = {MsgType.HELLO: MsgType.WELCOME, MsgType.RING_SETUP: MsgType.RING_READY}
 
 
 def now_ns() -> int:
@@ -103,7 +101,7 @@ class Peer:
         """Send a request and wait for its reply; other frames that arrive meanwhile go to ``inbox``."""
         corr = self.next_corr()
         self.send(mtype, body, dest, corr=corr)
-        answers = (mtype, _ANSWERED_BY.get(mtype, mtype))
+        answers = (mtype, REPLY_TYPE.get(mtype, mtype))
         while True:
             got = None
             for hdr, payload in self.receive():

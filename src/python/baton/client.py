@@ -41,7 +41,7 @@ from baton.client_errors import (
 )
 from baton.errors import FrameError, FrameTooLarge
 from baton.models import CancelResult, EnqueueResult, ExecutionPlan, Status, Task, TaskSpec
-from baton.protocol import EP_COORDINATOR, PROTOCOL_VERSION, ErrorCode, MsgType, group_id, topic_id
+from baton.protocol import EP_COORDINATOR, PROTOCOL_VERSION, REPLY_TYPE, ErrorCode, MsgType, group_id, topic_id
 
 if TYPE_CHECKING:
     from baton.manifest import ImportResult, ValidationReport
@@ -68,7 +68,6 @@ _READ_SIZE: Final = 256 * 1024
 _HEADER_HELLO: Final = int(MsgType.HELLO)
 _TO_COORDINATOR: Final = frozenset({MsgType.HELLO, MsgType.CALL, MsgType.RESULT, MsgType.HEARTBEAT})
 # Requests answered by a frame of another type; their error replies keep the request's type.
-_REPLY_TYPE: Final[dict[int, int]] = {MsgType.HELLO: MsgType.WELCOME, MsgType.RING_SETUP: MsgType.RING_READY}
 _MESSAGE_TYPES: Final = frozenset({MsgType.DIRECT, MsgType.PUBLISH, MsgType.MULTICAST, MsgType.BROADCAST})
 
 
@@ -480,7 +479,7 @@ class Client:
 
     def _wait_reply(self, mtype: int, corr: int, timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
-        keys = {(mtype, corr), (_REPLY_TYPE.get(mtype, mtype), corr)}
+        keys = {(mtype, corr), (REPLY_TYPE.get(mtype, mtype), corr)}
         self._waiting |= keys
         try:
             return self._wait_reply_loop(keys, deadline, timeout)
@@ -797,10 +796,19 @@ class _AsyncConnection:
 
     async def _raw_roundtrip(self, sock: _socket.socket, mtype: int, payload: bytes, deadline: float,
                              early: list[tuple[wire.FrameHeader, bytes]]) -> Any:
+        try:
+            return await self._raw_exchange(sock, mtype, payload, deadline, early)
+        except TimeoutError:
+            raise  # the caller's RequestTimeout
+        except (FrameError, OSError) as exc:  # a garbled stream or a broken socket: the connection is gone
+            raise ConnectionLost(f"the connection to {self.path} failed during the handshake: {exc}") from exc
+
+    async def _raw_exchange(self, sock: _socket.socket, mtype: int, payload: bytes, deadline: float,
+                            early: list[tuple[wire.FrameHeader, bytes]]) -> Any:
         loop = asyncio.get_running_loop()
         corr = self.core.next_corr()
         await loop.sock_sendall(sock, self.core.frame(mtype, payload, corr=corr))
-        answers = (mtype, _REPLY_TYPE.get(mtype, mtype))
+        answers = (mtype, REPLY_TYPE.get(mtype, mtype))
         while True:
             data = await self._recv_fds(sock, deadline)
             if not data:
@@ -972,7 +980,7 @@ class _AsyncConnection:
                         priority: int = Priority.NORMAL) -> Any:
         corr = self.core.next_corr()
         fut = self.expect(mtype, corr)
-        reply_type = _REPLY_TYPE.get(mtype)
+        reply_type = REPLY_TYPE.get(mtype)
         if reply_type is not None:
             self._pending[(reply_type, corr)] = fut  # success comes as WELCOME/RING_READY, errors as mtype
         try:

@@ -25,6 +25,7 @@ __all__ = [
     "CTL_PAUSE",
     "DEFAULT_RING_CAPACITY",
     "PROTOCOL_VERSION",
+    "REPLY_TYPE",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -86,6 +87,9 @@ class ErrorCode:
     DRAINING: Final = "draining"
     INTERNAL: Final = "internal"
 
+
+# Requests answered by a frame of another type (an error reply keeps the request's type).
+REPLY_TYPE: Final[dict[int, int]] = {MsgType.HELLO: MsgType.WELCOME, MsgType.RING_SETUP: MsgType.RING_READY}
 
 # Binary payloads of the coordinator's controls.
 CTL_AGENT: Final = struct.Struct("<QQI")  # endpoint, queue id, credit
