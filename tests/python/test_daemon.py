@@ -93,6 +93,23 @@ def test_second_daemon_is_refused(env: dict[str, str], short_tmp: Path, daemons:
         assert c.call("queue_status")["total"] == 0
 
 
+def test_second_daemon_on_the_same_state_is_refused(env: dict[str, str], short_tmp: Path,
+                                                    daemons: list[Daemon]) -> None:
+    """Another socket but the same state directory: the task store is the first daemon's alone (it holds
+    SQLite's lock for good), so the second exits 1 at once, saying why, and the first keeps working."""
+    first = start(daemons, short_tmp, env)
+    with first.client() as c:
+        c.hello()
+        c.call("enqueue", tasks=[{"id": "kept", "summary": "s", "agent_type": "t"}])
+    other = dict(env, BATON_SOCKET=str(short_tmp / "run" / "baton" / "other.sock"))
+    second = start(daemons, short_tmp, other, ready=False)
+    assert second.wait(20) == 1
+    assert "in use by another process" in second.log and "state" in second.log, second.log
+    with first.client() as c:
+        c.hello()
+        assert c.call("get", id="kept")["status"] == "ready"
+
+
 def test_config_error_exits_2_with_a_message(env: dict[str, str], short_tmp: Path, daemons: list[Daemon]) -> None:
     env["BATON_METRICS_PORT"] = "abc"
     d = start(daemons, short_tmp, env, ready=False)

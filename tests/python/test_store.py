@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from baton.scheduler import Scheduler
-from baton.scheduler_errors import SchemaError, TaskValidationError, UnknownPrerequisite
+from baton.scheduler_errors import SchemaError, StoreBusy, TaskValidationError, UnknownPrerequisite
 from baton.store import MIGRATIONS, SCHEMA_VERSION, TaskStore
 from scheduler_fixtures import ManualClock, make, spec
 
@@ -341,3 +341,53 @@ def test_restart_never_reissues_a_token_announced_before_a_crash(tmp_path):
     fresh = [sch.claim("x", "w2") for _ in range(3)]
     assert all(c is not None and c.fencing_token > max(tokens) for c in fresh)
     sch.close()
+
+
+def test_exclusive_store_is_refused_to_a_second_user(tmp_path):
+    """An exclusive store (the daemon's) keeps SQLite's lock while open: another exclusive open fails at once
+    with StoreBusy rather than after its busy timeout; closing releases the file."""
+    path = tmp_path / "x.db"
+    first = TaskStore(path, exclusive=True)
+    with pytest.raises(StoreBusy, match="in use by another process"):
+        TaskStore(path, exclusive=True, busy_timeout_s=600)  # would hang for 10 minutes if it waited
+    first.close()
+    TaskStore(path, exclusive=True).close()
+
+
+def test_deferred_transaction_runs_its_sql_last(tmp_path):
+    """write(deferred=True) on an exclusive store: the scheduler's changes happen in memory first (the
+    coordinator sends the claimed tasks then) and the transaction's statements run at its end."""
+    st = TaskStore(tmp_path / "d.db", exclusive=True)
+    s = Scheduler(st, clock=ManualClock())
+    s.enqueue_many([spec("a"), spec("b", prerequisites=["a"])])
+    first = s.claim("impl", "w")  # reserves a fence block, committed with this claim
+    assert first is not None and st.fence_durable(first.fencing_token)
+    with s.transaction(deferred=True):
+        s.complete(first.task_id, first.fencing_token, result=1)
+        picked = s.claim_records("impl", "w", 5)
+        assert [r.id for r in picked] == ["b"] and picked[0].token > first.fencing_token
+        assert not st.conn.in_transaction  # nothing has touched SQLite yet
+        assert st.fence_durable(picked[0].token)  # so the task could be announced already
+    assert not st.conn.in_transaction
+    with s.transaction(deferred=True):  # changes nothing: no statement at all
+        assert s.status_of("b").value == "running"
+    with pytest.raises(RuntimeError, match="boom"):
+        with s.transaction(deferred=True):
+            s.enqueue(spec("c"))
+            raise RuntimeError("boom")
+    assert [t.id for t in s.tasks()] == ["a", "b"]  # memory reloaded from the store
+    s.close()
+    again = Scheduler(TaskStore(tmp_path / "d.db", exclusive=True), clock=ManualClock())
+    assert again.status_of("a").value == "completed" and again.get("a").result == 1
+    b = again.get("b")
+    assert b.status.value == "running" and b.fencing_token == picked[0].token
+    assert [t.id for t in again.tasks()] == ["a", "b"]
+    again.close()
+
+
+def test_deferred_is_ignored_on_a_shared_store(tmp_path):
+    """Without exclusive, other connections may commit: the transaction must begin (and catch up) first."""
+    s = make(tmp_path)
+    with s.transaction(deferred=True):
+        assert s.store.conn.in_transaction
+    s.close()

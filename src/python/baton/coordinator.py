@@ -48,6 +48,7 @@ from baton.models import TERMINAL, Status
 from baton.protocol import ErrorCode, MsgType
 from baton.router import RouterGone, RouterLink
 from baton.scheduler import Scheduler
+from baton.taskstate import TaskRecord
 from baton.scheduler_errors import (
     DependencyCycle,
     InvalidTransition,
@@ -610,13 +611,13 @@ class Coordinator:
         beat_replies, self._beat_replies = self._beat_replies, []
         sch = self.scheduler
         acks: list[tuple[int, int, int, bool, str | None]] = []
-        claims: list[tuple[Any, Any]] = []
+        claims: list[TaskRecord] = []
         refused: dict[str, str] = {}
         renewed: dict[str, float] = {}
         completed: list[str] = []
         pushed_early = False
         try:
-            with sch.transaction():
+            with sch.transaction(deferred=True):
                 if lost:
                     sch.release_many(lost, reason="agent disconnected", count_attempt=True)
                 if unsent:
@@ -641,7 +642,7 @@ class Coordinator:
                     renewed, refused = sch.heartbeat_many(beats, lease_s=self._lease_s)
                 if not self._paused:
                     claims = self._claim()
-                if claims and self.push_before_commit and sch.store.fence_durable(claims[-1][0].fencing_token):
+                if claims and self.push_before_commit and sch.store.fence_durable(claims[-1].token):
                     # Push before the commit (docs/daemon.md, "Push before commit"): the tokens come from a
                     # fence block that is already durable, so no restart can hand them out again.  Everything
                     # else in _out describes committed state; the RESULT acks are queued after the commit.
@@ -732,21 +733,19 @@ class Coordinator:
     def _prefetch(self, agent_type: str) -> int:
         return self.prefetch_per_agent * self._agents_n[agent_type]
 
-    def _claim(self) -> list[tuple[Any, Any]]:
+    def _claim(self) -> list[TaskRecord]:
         """Claim ready tasks into the room each work queue has (inside the turn's transaction)."""
         sch = self.scheduler
-        out: list[tuple[Any, Any]] = []
+        out: list[TaskRecord] = []
         for t, credit in self._credit.items():
             if credit <= 0:
                 continue
             room = credit + self._prefetch(t) - self._outstanding[t]
             if room > 0 and sch.has_ready(t):
-                record = sch.record
-                for c in sch.claim_many(t, ROUTER_HOLDER, room, lease_s=self._lease_s):
-                    out.append((c, record(c.task_id)))
+                out += sch.claim_records(t, ROUTER_HOLDER, room, lease_s=self._lease_s)
         return out
 
-    def _push(self, claims: list[tuple[Any, Any]]) -> None:
+    def _push(self, claims: list[TaskRecord]) -> None:
         """TASK frames for claimed tasks.  The stored input blob is already msgpack: it is spliced into the
         payload as is instead of being decoded and encoded again."""
         lease = self._lease_s
@@ -756,8 +755,8 @@ class Coordinator:
         packb = ormsgpack.packb
         did = self._next_did
         ts = time.monotonic_ns()
-        for c, rec in claims:
-            tid, t, token = c.task_id, c.agent_type, c.fencing_token
+        for rec in claims:
+            tid, t, token = rec.id, rec.agent_type, rec.token
             blob = rec.input
             if blob is None:
                 inp = _NIL
@@ -768,7 +767,7 @@ class Coordinator:
             spec = rec.spec
             meta = _pack(msgpack.unpackb(spec, raw=False, strict_map_key=False).get("metadata", {})) \
                 if _META_KEY in spec else _EMPTY_MAP
-            head = packb({"id": tid, "token": token, "agent_type": t, "attempt": c.attempt, "lease_s": lease,
+            head = packb({"id": tid, "token": token, "agent_type": t, "attempt": rec.attempts, "lease_s": lease,
                           "timeout_s": rec.timeout})
             # head is a fixmap of 6 entries (0x86): make it 8 and append the two spliced ones.
             payload = b"".join((b"\x88", head[1:], b"\xa5input", inp, b"\xa8metadata", meta))
@@ -776,7 +775,7 @@ class Coordinator:
             out.append(_HDR.pack(_MAGIC, _VERSION, _T_TASK, _HIGH if rec.base_priority >= _HIGH_FROM else _NORMAL,
                                  0, len(payload), 0, _EP,
                                  self._queue_id(t), did, ts) + payload)
-            dispatches[did] = _Dispatch(did, tid, token, t, c.lease_expires_at)
+            dispatches[did] = _Dispatch(did, tid, token, t, rec.expires)  # type: ignore[arg-type]  # set by the claim
             outstanding[t] += 1
         self._next_did = did
         self.counters["tasks_pushed"] += len(claims)
@@ -793,7 +792,7 @@ class Coordinator:
             if d.endpoint == 0 and d.expires < threshold:
                 self._beats.append((d.task_id, d.token))
         try:
-            with sch.transaction():
+            with sch.transaction(deferred=True):
                 expired = sch.expire_leases()
                 if expired:
                     log.info("%d lease(s) expired: %s", len(expired), expired[:10])

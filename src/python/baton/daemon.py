@@ -169,7 +169,9 @@ def _open_scheduler(cfg: DaemonConfig) -> Scheduler:
     cfg.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # NORMAL in WAL mode: a commit is in the WAL before COMMIT returns, so a killed daemon loses nothing it
     # acknowledged; only a power loss can lose the last transactions (docs/scheduler.md).
-    store = TaskStore(cfg.db_path, synchronous="NORMAL")
+    # exclusive: the daemon is the store's only user while it runs (clients go through it); a second daemon
+    # on the same state directory is refused at once, and every transaction is cheaper (store.py).
+    store = TaskStore(cfg.db_path, synchronous="NORMAL", exclusive=True)
     # The coordinator applies wip_per_agent_type (the per-type WIP limit) at start and on SIGHUP.
     return Scheduler(store, config=SchedulerConfig(lease_s=cfg.lease_s))
 

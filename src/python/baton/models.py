@@ -485,14 +485,13 @@ class FailOutcome(BaseModel):
     message: str
 
 
-class BatchOutcome(BaseModel):
-    """Per-item result of a batch completion: which items were applied and why the others were refused."""
-
-    model_config = ConfigDict(frozen=True)
+class BatchOutcome(NamedTuple):
+    """Per-item result of a batch completion: which items were applied and why the others were refused.
+    A plain named tuple: built on the coordinator's handoff path, from the scheduler's own data."""
 
     applied: list[str]
     rejected: dict[str, str]
-    released: list[str] = Field(default_factory=list)  # dependents that became ready
+    released: list[str]  # dependents that became ready
 
 
 class ExecutionPlan(BaseModel):

@@ -33,7 +33,7 @@ import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -259,20 +259,27 @@ class Scheduler:
         with self.store.read() as c:
             self._catch_up(c)
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, deferred: bool = False) -> AbstractContextManager[sqlite3.Connection]:
         """One atomic change: the store's write transaction, caught up with other writers, ending with one
-        journal entry.  Re-entrant.  If anything fails, the store rolls back and memory is reloaded."""
+        journal entry.  Re-entrant.  If anything fails, the store rolls back and memory is reloaded.
+
+        ``deferred``: on an exclusive store, the SQL waits for the end (TaskStore.write), so the caller can
+        act on the changed memory (send the claimed tasks) before any statement runs.  Only the scheduler's
+        own methods may be called inside; the yielded connection must not be used.  Ignored otherwise."""
         if self._in_txn:
-            yield self.store.conn
-            return
+            # Joining the open transaction (every public method does): a plain object, not a generator.
+            return nullcontext(self.store.conn)
+        return self._transaction(deferred)
+
+    @contextmanager
+    def _transaction(self, deferred: bool) -> Iterator[sqlite3.Connection]:
         self._in_txn = True
         self._mutated = False
         try:
             # A batch allocates a few objects per task and frees few until it returns; letting the cyclic
             # GC run meanwhile rescans every long-lived record again and again (visible under callgrind).
             # Garbage made meanwhile is collected afterwards.
-            with gc_paused(), self.store.write() as c:
+            with gc_paused(), self.store.write(deferred=deferred) as c:
                 self._catch_up(c)
                 yield c
                 self._flush(c)
@@ -743,6 +750,21 @@ class Scheduler:
         Every claimed task gets a lease and the same fresh fencing token (tokens only ever grow); a task
         with a timeout gets a lease no longer than its remaining timeout.
         """
+        picked = self.claim_records(agent_type, holder, n, lease_s=lease_s)
+        if not picked:
+            return []
+        rate_now = self._w.aging_rate * picked[0].started  # type: ignore[operator]  # started: the claim's now
+        return [
+            _new_claim((r.id, agent_type, r.token, r.expires, r.attempts, decode_payload(r.input), r.rank + rate_now))
+            for r in picked
+        ]
+
+    def claim_records(
+        self, agent_type: str, holder: str, n: int, *, lease_s: float | None = None
+    ) -> list[TaskRecord]:
+        """``claim_many`` for the coordinator, which sends each task's stored blobs as they are: the claimed
+        records themselves (token, expires, attempts, input blob), no Claim tuples, no decoded inputs.  The
+        records are the scheduler's own: read them, never change them."""
         if n <= 0:
             return []
         lease = self.config.lease_s if lease_s is None else lease_s
@@ -782,11 +804,7 @@ class Scheduler:
                 [r.id, now + (lease if r.timeout is None or r.timeout > lease else r.timeout)] for r in picked
             ]
             self._delta([_OP_CLAIM, now, holder, fence, items])
-        rate_now = self._w.aging_rate * now
-        return [
-            _new_claim((r.id, agent_type, fence, r.expires, r.attempts, decode_payload(r.input), r.rank + rate_now))
-            for r in picked
-        ]
+        return picked
 
     def _wip_room(self, agent_type: str, n: int) -> int:
         limit = self.config.wip_limit_for(agent_type)
@@ -1020,8 +1038,7 @@ class Scheduler:
             if ok:
                 self._delta([_OP_DONE, now, ok])
                 released = self._release(applied, now)
-        # model_construct: built right here from our own ids; validation would only cost.
-        return BatchOutcome.model_construct(applied=applied, rejected=rejected, released=released), kinds
+        return BatchOutcome(applied, rejected, released), kinds
 
     def _release(self, satisfied: Sequence[str], now: float) -> list[str]:
         """Count ``satisfied`` prerequisites off their dependents; the ones left with none become ready."""

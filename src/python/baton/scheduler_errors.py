@@ -20,6 +20,7 @@ __all__ = [
     "InvalidTransition",
     "StaleLease",
     "SchemaError",
+    "StoreBusy",
     "ManifestError",
 ]
 
@@ -81,6 +82,12 @@ class SchemaError(SchedulerError, RuntimeError):
     """The database was written by a newer baton or is not a baton store."""
 
     code = "SCHEMA_ERROR"
+
+
+class StoreBusy(SchedulerError, RuntimeError):
+    """Another process holds the task store that was to be opened exclusively (a second daemon on it)."""
+
+    code = "STORE_BUSY"
 
 
 class ManifestError(SchedulerError, ValueError):

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
-from baton.scheduler_errors import SchemaError
+from baton.scheduler_errors import SchemaError, StoreBusy
 from baton.taskstate import IMAGE_FIELDS, pack_values, unpack_values
 
 __all__ = ["TaskStore", "TaskRepository", "SCHEMA_VERSION", "MIGRATIONS"]
@@ -131,7 +131,7 @@ class TaskRepository(Protocol):
 
     path: str
 
-    def write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+    def write(self, *, deferred: bool = False) -> AbstractContextManager[sqlite3.Connection]: ...
 
     def read(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
@@ -167,10 +167,17 @@ class TaskStore:
         synchronous: Synchronous = "FULL",
         busy_timeout_s: float = 30.0,
         migrate_to: int = SCHEMA_VERSION,
+        exclusive: bool = False,
     ) -> None:
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"bad synchronous mode {synchronous!r}")
         self.path = str(path)
+        # exclusive: this connection is the file's only user for as long as it is open (the daemon owns its
+        # state).  SQLite then keeps its lock and the WAL index in this process instead of taking file locks
+        # on every transaction (BEGIN..COMMIT costs about half), nobody else can commit (data_version is
+        # constant), and write(deferred=True) may issue its BEGIN when the first statement needs it.
+        self.exclusive = exclusive
+        self._begin_pending = False
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; the sqlite3 module's implicit transactions
         # would otherwise start DEFERRED transactions that can deadlock on lock upgrade between processes.
         self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -187,8 +194,26 @@ class TaskStore:
         self._fence_dv = -1
         self._dv = -2
         self._dv_read = False
-        c = self._conn
-        c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        try:
+            self._setup(synchronous, busy_timeout_s, migrate_to)
+        except sqlite3.OperationalError as exc:
+            self.close()
+            if exclusive and "locked" in str(exc):
+                raise StoreBusy(
+                    f"the task store {self.path} is in use by another process ({exc}); stop the other baton "
+                    "daemon that uses this state directory, or give this one its own (--state-dir)"
+                ) from exc
+            raise
+
+    def _setup(self, synchronous: Synchronous, busy_timeout_s: float, migrate_to: int) -> None:
+        c = self.conn
+        if self.exclusive:
+            # No waiting: whoever holds the file holds it until it closes.  Then, before journal_mode: a WAL
+            # entered in exclusive mode keeps its index in heap memory, not in a -shm file.
+            c.execute("PRAGMA busy_timeout = 0")
+            c.execute("PRAGMA locking_mode = EXCLUSIVE")
+        else:
+            c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal" and self.path != ":memory:":
             raise SchemaError(f"could not enable WAL on {self.path} (journal_mode={mode})")
@@ -196,6 +221,10 @@ class TaskStore:
         c.execute("PRAGMA foreign_keys = OFF")  # integrity is enforced by the scheduler inside transactions
         c.execute("PRAGMA temp_store = MEMORY")
         self._migrate(migrate_to)
+        if self.exclusive:
+            # A write now, so the lock is taken (and kept) at open rather than at the first transaction.
+            with self.write() as w:
+                w.execute("UPDATE meta SET value = value WHERE key = 'fence'")
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -226,10 +255,47 @@ class TaskStore:
     # --- transactions ------------------------------------------------------------------------------------
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE).  Re-entrant: nested uses join the outer transaction."""
+    def write(self, *, deferred: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE).  Re-entrant: nested uses join the outer transaction.
+
+        ``deferred`` (exclusive stores only, else ignored): BEGIN is issued when the first of this store's own
+        statements needs it (next_fence, append, checkpoint), and a transaction that wrote nothing issues
+        none.  Nothing else may run statements on the yielded connection: they would autocommit on their
+        own.  The caller does its work in memory first and its SQL last (the coordinator's turn sends its
+        TASK frames before any SQL)."""
+        if deferred and self.exclusive and not self._depth:
+            c = self.conn
+            self._depth = 1
+            self._begin_pending = True
+            try:
+                yield c
+            except BaseException:
+                self._depth = 0
+                if self._begin_pending:
+                    self._begin_pending = False
+                else:
+                    c.execute("ROLLBACK")
+                self._end_fence_txn(committed=False)
+                raise
+            self._depth = 0
+            if self._begin_pending:
+                self._begin_pending = False
+                return
+            try:
+                c.execute("COMMIT")
+            except BaseException:
+                self._end_fence_txn(committed=False)
+                raise
+            self._end_fence_txn(committed=True)
+            return
         with self._transaction("BEGIN IMMEDIATE", rollback_on_error=True) as c:
             yield c
+
+    def _begin(self, c: sqlite3.Connection) -> None:
+        """Issue a deferred transaction's BEGIN before its first statement."""
+        if self._begin_pending:
+            self._begin_pending = False
+            c.execute("BEGIN IMMEDIATE")
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -324,6 +390,7 @@ class TaskStore:
         if not self._dv_read:
             self.data_version()
         if self._fence_next > self._fence_end or self._fence_dv != self._dv:
+            self._begin(c)
             row = c.execute(
                 "UPDATE meta SET value = value + ? WHERE key = 'fence' RETURNING value", (FENCE_BLOCK,)
             ).fetchone()
@@ -344,6 +411,8 @@ class TaskStore:
 
     def data_version(self) -> int:
         """Changes whenever *another* connection commits (PRAGMA data_version): a cheap "anything new?"."""
+        if self.exclusive:
+            return 0  # no other connection can commit
         dv = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
         if self._depth:
             self._dv = dv
@@ -365,11 +434,13 @@ class TaskStore:
 
     def append(self, c: sqlite3.Connection, entry: bytes) -> int:
         """Append one journal entry (call inside write()); returns its seq."""
+        self._begin(c)
         return int(c.execute("INSERT INTO journal (entry) VALUES (?) RETURNING seq", (entry,)).fetchone()[0])
 
     def checkpoint(self, c: sqlite3.Connection, chunks: Sequence[bytes], upto: int) -> None:
         """Replace the snapshot with ``chunks`` (msgpack arrays of record images) that reflect the journal up
         to ``upto``, and drop those entries (call inside write())."""
+        self._begin(c)
         c.execute("DELETE FROM snapshot")
         c.executemany("INSERT INTO snapshot (images) VALUES (?)", [(b,) for b in chunks])
         # Usually every entry goes: without a WHERE clause SQLite frees the table's pages in bulk instead of
