@@ -173,3 +173,23 @@ def test_bad_input_never_costs_accepted_work(daemon: Daemon) -> None:
             err = raw.recv(lambda f: f.is_error)
             assert err.body()["code"] == ErrorCode.INVALID_TASK and "base_priority" in err.body()["message"]
         assert sorted(t.id for t in c.list()) == ["keep0", "keep1", "keep2"]
+
+
+def test_bench_handoff_measures_a_running_daemon(daemon: Daemon, short_tmp: Path) -> None:
+    """`baton bench handoff` end to end, briefly: every measurement's JSON row has a histogram of real samples
+    (the handoff run needs the whole chain completed, the throughput run every task)."""
+    import json
+
+    out = short_tmp / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "baton.cli", "bench", "handoff", "rt", "handoff", "throughput", "--seconds", "0.3",
+         "--chain", "40", "--tasks", "300", "--socket", str(daemon.socket_path), "--out", str(out)],
+        env=daemon.env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"].split(" (")[0]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"rt", "rt-pair", "rt-pair parked", "handoff", "throughput"}, rows.keys()
+    for name, r in rows.items():
+        assert 0 < r["p50"] <= r["p99"] <= r["p999"] <= r["max"], (name, r)
+    assert rows["handoff"]["extra"]["tasks"] == 40
+    assert rows["throughput"]["extra"]["tasks_per_s"] > 0

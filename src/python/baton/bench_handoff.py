@@ -148,12 +148,24 @@ class Peer:
 # --- peer processes -------------------------------------------------------------------------------------
 
 
-def _peer_echo(path: str, ready: str) -> None:
-    """rt-pair: answer every DIRECT request from the ring, on the ring, until the requester hangs up."""
+def _peer_echo(path: str, ready: str, mode: str = "ring") -> None:
+    """rt-pair: answer every DIRECT request from the ring, on the ring, until the requester hangs up.  mode
+    ``socket``: requests and replies by the socket, the echo parked in recv() in between."""
     peer = Peer(path, "bench-echo")
-    peer.setup_ring(spin_ns=_NS)
+    if mode == "ring":
+        peer.setup_ring(spin_ns=_NS)
     with open(ready, "w") as f:
         f.write(str(peer.endpoint))
+    if mode == "socket":
+        while True:
+            try:
+                frames = peer.receive()
+            except (BenchError, OSError):  # the requester hung up, the benchmark is over
+                return
+            peer.sock.sendall(b"".join(
+                wire.encode(wire.FrameHeader(type=MsgType.DIRECT, flags=wire.F_REPLY, destination=hdr.source,
+                                             correlation_id=hdr.correlation_id), payload)
+                for hdr, payload in frames if hdr.type == MsgType.DIRECT and not hdr.flags & wire.F_REPLY))
     r2c, c2r = peer.r2c, peer.c2r
     while True:
         try:
@@ -279,7 +291,7 @@ def _answer_tasks(pending: bytearray, answer: Any, out: list[bytes]) -> None:
 def _run_peer(argv: Sequence[str]) -> int:
     role, path, *rest = argv
     if role == "echo":
-        _peer_echo(path, rest[0])
+        _peer_echo(path, *rest)
     elif role == "agent":
         mode = rest[3] if len(rest) > 3 else "socket"
         _peer_agent(path, rest[0], int(rest[1]), rest[2], mode, int(rest[4]) if len(rest) > 4 else 0)
@@ -387,6 +399,23 @@ def _round_trips(peer: Peer, dest: int, seconds: float, rate: float | None, name
     return Result.from_histogram(name, h, seconds=seconds, rate=rate, **extra)
 
 
+def _socket_round_trips(peer: Peer, dest: int, seconds: float, name: str) -> Result:
+    """Closed loop of DIRECT requests by the socket, the requester parked in recv() until each reply."""
+    h = _histogram()
+    end = now_ns() + int(seconds * _NS)
+    corr = 0
+    while True:
+        corr += 1
+        start = now_ns()
+        peer.send(MsgType.DIRECT, b"", dest, corr=corr)
+        if not any(hdr.correlation_id == corr for hdr, _ in peer.receive()):
+            raise BenchError("reply out of order")
+        got = now_ns()
+        h.record_value(max(1, got - start))
+        if got >= end:
+            return Result.from_histogram(name, h, seconds=seconds)
+
+
 def measure_rt(path: str, seconds: float, rate: float | None, tmp: str) -> list[Result]:
     out = []
     peer = Peer(path, "bench-rt")
@@ -398,6 +427,18 @@ def measure_rt(path: str, seconds: float, rate: float | None, tmp: str) -> list[
             echo = procs.start("echo", ready)
             dest = int(_wait_file(ready, echo))
             out.append(_round_trips(peer, dest, seconds, rate, "rt-pair (request -> other agent -> reply, ring)"))
+    finally:
+        peer.close()
+    # Two router traversals, each ending in the wakeup of a parked process: the shape of a task handoff
+    # (agent -> router -> coordinator, coordinator -> router -> agent) without the coordinator's own work.
+    peer = Peer(path, "bench-rt-socket")
+    try:
+        with _Procs(path, tmp) as procs:
+            ready = os.path.join(tmp, "echo-socket.ready")
+            echo = procs.start("echo", ready, "socket")
+            dest = int(_wait_file(ready, echo))
+            out.append(_socket_round_trips(peer, dest, seconds,
+                                           "rt-pair parked (request -> other agent -> reply, socket)"))
     finally:
         peer.close()
     return out
