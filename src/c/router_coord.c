@@ -126,6 +126,36 @@ static void ctl_bad(bt_router *r, const bt_frame_hdr *h, size_t want)
     bti_router_send_error(r, NULL, h->type, h->priority, h->correlation_id, "invalid_request", msg);
 }
 
+/* "by_pattern": {pattern: {priority name: [frames, bytes]}}, nonzero cells only (a cell that counted a frame
+ * counted at least its 48 header bytes, so frames == 0 is the empty cell). */
+static void by_pattern(rt_buf *pay, const rt_stats *s)
+{
+    static const char *const prio_names[BT_PRIO_COUNT] = {"critical", "high", "normal", "low", "batch"};
+    uint32_t used[RT_PAT_COUNT], npat = 0;
+    for (uint32_t p = 0; p < RT_PAT_COUNT; p++) {
+        used[p] = 0;
+        for (int q = 0; q < BT_PRIO_COUNT; q++)
+            used[p] += s->in[p][q][0] != 0;
+        npat += used[p] != 0;
+    }
+    mp_str(pay, "by_pattern");
+    mp_map(pay, npat);
+    for (uint32_t p = 0; p < RT_PAT_COUNT; p++) {
+        if (!used[p])
+            continue;
+        mp_str(pay, bti_router_pattern_names[p]);
+        mp_map(pay, used[p]);
+        for (int q = 0; q < BT_PRIO_COUNT; q++) {
+            if (!s->in[p][q][0])
+                continue;
+            mp_str(pay, prio_names[q]);
+            mp_array(pay, 2);
+            mp_uint(pay, s->in[p][q][0]);
+            mp_uint(pay, s->in[p][q][1]);
+        }
+    }
+}
+
 static void stats_reply(bt_router *r, const bt_frame_hdr *req)
 {
     const rt_stats *s = &r->st;
@@ -150,11 +180,12 @@ static void stats_reply(bt_router *r, const bt_frame_hdr *req)
     };
     uint32_t n = (uint32_t)(sizeof(kv) / sizeof(kv[0]));
     rt_buf *pay = pay_begin(r);
-    mp_map(pay, n);
+    mp_map(pay, n + 1);
     for (uint32_t i = 0; i < n; i++) {
         mp_str(pay, kv[i].name);
         mp_uint(pay, kv[i].v);
     }
+    by_pattern(pay, s);
     coord_notify(r, BT_MSG_ROUTER_STATS, req->priority, BT_FRAME_F_REPLY, BT_EP_NONE, req->correlation_id);
 }
 
@@ -163,6 +194,7 @@ static void coord_frame(bt_router *r, const bt_frame_hdr *h, const uint8_t *fram
     const uint8_t *payload = frame + BT_FRAME_HEADER_SIZE;
     uint32_t plen = h->payload_len;
     r->st.coord_in++;
+    rt_count_in(&r->st, h);
     switch (h->type) {
     case BT_MSG_TASK:
         bti_router_task_push(r, h, frame, size);

@@ -410,11 +410,44 @@ typedef struct rt_conn {
     char reason[120];
 } rt_conn;
 
+/* Routing patterns of the frames a router takes in (ROUTER_STATS "by_pattern", docs/protocol.md).  CONTROL is
+ * 0 so that every type bti_router_pattern_of does not name counts as control. */
+enum {
+    RT_PAT_CONTROL = 0,
+    RT_PAT_DIRECT,   /* DIRECT, correlation id 0 */
+    RT_PAT_REQUEST,  /* DIRECT, correlation id != 0, no F_REPLY */
+    RT_PAT_REPLY,    /* DIRECT with F_REPLY */
+    RT_PAT_PUBLISH,
+    RT_PAT_MULTICAST,
+    RT_PAT_BROADCAST,
+    RT_PAT_TASK,
+    RT_PAT_RESULT,
+    RT_PAT_COUNT
+};
+
 typedef struct rt_stats {
     uint64_t accepted, refused, closed, closed_slow, frames_in, frames_out, bytes_out, coord_in, coord_out,
         tasks_in, tasks_queued_peak, dispatched, results, revoked, errors_sent, bad_frames, unknown_dest,
         ring_setups, ring_backlog, coord_full, turns, sleeps;
+    uint64_t in[RT_PAT_COUNT][BT_PRIO_COUNT][2]; /* frames taken in by pattern and priority: [0] frames, [1] bytes */
 } rt_stats;
+
+/* Frame type -> RT_PAT_* (router_route.c); DIRECT maps to RT_PAT_DIRECT and rt_count_in refines it. */
+extern const uint8_t bti_router_pattern_of[256];
+extern const char *const bti_router_pattern_names[RT_PAT_COUNT];
+
+/* Count one frame taken in (validated: priority < BT_PRIO_COUNT) under its pattern and priority.  The hot
+ * path: a table load, no branch (DIRECT's request/reply split is arithmetic), an index and two adds. */
+static inline void rt_count_in(rt_stats *st, const bt_frame_hdr *h)
+{
+    unsigned direct = h->type == BT_MSG_DIRECT;
+    unsigned reply = (h->flags & BT_FRAME_F_REPLY) != 0;
+    unsigned request = (h->correlation_id != 0) & !reply;
+    unsigned pat = bti_router_pattern_of[h->type] + direct * (request + 2 * reply);
+    uint64_t *cell = st->in[pat][h->priority];
+    cell[0]++;
+    cell[1] += BT_FRAME_HEADER_SIZE + (uint64_t)h->payload_len;
+}
 
 struct bt_router {
     bt_router_config cfg;

@@ -491,10 +491,23 @@ static void result_in(bt_router *r, rt_conn *c, const bt_frame_hdr *h, const uin
         queue_pump(r, q);
 }
 
+/* ROUTER_STATS "by_pattern": the pattern of each frame type (0, RT_PAT_CONTROL, for every type not named). */
+const uint8_t bti_router_pattern_of[256] = {
+    [BT_MSG_DIRECT] = RT_PAT_DIRECT,       [BT_MSG_PUBLISH] = RT_PAT_PUBLISH, [BT_MSG_MULTICAST] = RT_PAT_MULTICAST,
+    [BT_MSG_BROADCAST] = RT_PAT_BROADCAST, [BT_MSG_TASK] = RT_PAT_TASK,       [BT_MSG_RESULT] = RT_PAT_RESULT,
+};
+
+const char *const bti_router_pattern_names[RT_PAT_COUNT] = {
+    [RT_PAT_CONTROL] = "control",     [RT_PAT_DIRECT] = "direct",       [RT_PAT_REQUEST] = "request",
+    [RT_PAT_REPLY] = "reply",         [RT_PAT_PUBLISH] = "publish",     [RT_PAT_MULTICAST] = "multicast",
+    [RT_PAT_BROADCAST] = "broadcast", [RT_PAT_TASK] = "task",           [RT_PAT_RESULT] = "result",
+};
+
 /* One validated frame from client c (payload is h->payload_len bytes). */
 void bti_router_conn_frame(bt_router *r, rt_conn *c, bt_frame_hdr *h, const uint8_t *payload)
 {
     r->st.frames_in++;
+    rt_count_in(&r->st, h);
     h->source = c->ep; /* nobody speaks for another endpoint */
     switch (h->type) {
     case BT_MSG_HELLO:

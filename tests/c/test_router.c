@@ -2,9 +2,10 @@
  * test_router.c -- the C router end to end: bt_router_run in a thread, this thread playing the coordinator
  * through a real ring pair with doorbells, clients on a real unix socket.  Covers endpoint ids and source
  * overwrite, PING, DIRECT and no_such_endpoint, pub/sub with acks, multicast, broadcast, work queues with
- * priorities, credit and the RESULT handoff, revoke, pause, stats, EP_CLOSED with held dispatches, forbidden
- * and unknown types, bad and oversized frames, ring setup (RING_READY with 4 fds, traffic both ways over the
- * rings) and shutdown.  Peer refusal needs a second uid: tests/python/test_native_router.py covers it.
+ * priorities, credit and the RESULT handoff, revoke, pause, stats (the by_pattern cells of a known mix, exactly;
+ * malformed frames left out), EP_CLOSED with held dispatches, forbidden and unknown types, bad and oversized
+ * frames, ring setup (RING_READY with 4 fds, traffic both ways over the rings) and shutdown.  Peer refusal
+ * needs a second uid: tests/python/test_native_router.py covers it.
  */
 #include <poll.h>
 #include <pthread.h>
@@ -227,7 +228,206 @@ static void cl_close(client *c)
     bt_frame_reader_close(c->rd);
 }
 
+/* ---- ROUTER_STATS reading: the flat counters and by_pattern ---- */
+static const char *const pattern_names[] = {"control", "direct",    "request", "reply", "publish",
+                                            "multicast", "broadcast", "task",    "result"};
+static const char *const prio_names[BT_PRIO_COUNT] = {"critical", "high", "normal", "low", "batch"};
+#define NPAT (sizeof(pattern_names) / sizeof(pattern_names[0]))
+
+typedef struct stats {
+    uint64_t cells[NPAT][BT_PRIO_COUNT][2]; /* by_pattern: frames, bytes (0 when the cell is absent) */
+    uint64_t frames_in, coord_in, bad_frames;
+    int has_backlog_events, has_coord_ring_full, has_by_pattern;
+} stats;
+
+static uint32_t mp_map_n(const uint8_t **p)
+{
+    uint8_t t = *(*p)++;
+    if ((t & 0xf0) == 0x80)
+        return t & 0x0f;
+    CHECK_EQ(t, 0xde);
+    uint32_t n = (uint32_t)(*p)[0] << 8 | (*p)[1];
+    *p += 2;
+    return n;
+}
+
+/* A string (fixstr or str8) copied into out, NUL terminated. */
+static void mp_key(const uint8_t **p, char *out, size_t cap)
+{
+    uint8_t t = *(*p)++;
+    size_t n;
+    if ((t & 0xe0) == 0xa0) {
+        n = t & 0x1f;
+    } else {
+        CHECK_EQ(t, 0xd9);
+        n = *(*p)++;
+    }
+    CHECK(n < cap);
+    memcpy(out, *p, n);
+    out[n] = 0;
+    *p += n;
+}
+
+static int name_index(const char *const *names, int n, const char *s)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(names[i], s) == 0)
+            return i;
+    fprintf(stderr, "unexpected name in ROUTER_STATS: %s\n", s);
+    exit(1);
+}
+
+static void parse_stats(const frame *f, stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    const uint8_t *p = f->payload;
+    char key[64];
+    uint32_t n = mp_map_n(&p);
+    for (uint32_t i = 0; i < n; i++) {
+        mp_key(&p, key, sizeof(key));
+        if (strcmp(key, "by_pattern") != 0) {
+            uint64_t v = mp_uint(&p);
+            if (strcmp(key, "frames_in") == 0)
+                st->frames_in = v;
+            else if (strcmp(key, "coord_in") == 0)
+                st->coord_in = v;
+            else if (strcmp(key, "bad_frames") == 0)
+                st->bad_frames = v;
+            st->has_backlog_events |= strcmp(key, "ring_backlog_events") == 0;
+            st->has_coord_ring_full |= strcmp(key, "coord_ring_full") == 0;
+            continue;
+        }
+        st->has_by_pattern = 1;
+        uint32_t npat = mp_map_n(&p);
+        for (uint32_t k = 0; k < npat; k++) {
+            mp_key(&p, key, sizeof(key));
+            int pat = name_index(pattern_names, (int)NPAT, key);
+            uint32_t nprio = mp_map_n(&p);
+            CHECK(nprio > 0); /* only nonzero cells are listed */
+            for (uint32_t j = 0; j < nprio; j++) {
+                mp_key(&p, key, sizeof(key));
+                int prio = name_index(prio_names, BT_PRIO_COUNT, key);
+                CHECK_EQ(mp_array(&p), 2);
+                st->cells[pat][prio][0] = mp_uint(&p);
+                st->cells[pat][prio][1] = mp_uint(&p);
+                CHECK(st->cells[pat][prio][0] > 0);
+            }
+        }
+    }
+    CHECK_EQ((size_t)(p - f->payload), f->h.payload_len);
+}
+
+static void get_stats(stats *st, uint64_t corr)
+{
+    frame f;
+    coord_send(BT_MSG_CTL_STATS, BT_PRIO_HIGH, 0, corr, NULL, 0);
+    coord_expect(&f, BT_MSG_ROUTER_STATS);
+    CHECK_EQ(f.h.correlation_id, corr);
+    CHECK_EQ(f.h.flags, BT_FRAME_F_REPLY);
+    parse_stats(&f, st);
+}
+
 /* ---- scenarios ---- */
+
+/* On a fresh router: a known mix of frames, then by_pattern must hold exactly these cells (the CTL_STATS that
+ * asks is counted too, before the reply is built). */
+static void t_stats(client *a, client *b, client *c)
+{
+    frame f;
+    stats want;
+    memset(&want, 0, sizeof(want));
+#define WANT(pat, prio, plen) (want.cells[pat][prio][0]++, want.cells[pat][prio][1] += BT_FRAME_HEADER_SIZE + (plen))
+    enum { CONTROL, DIRECT, REQUEST, REPLY, PUBLISH, MULTICAST, BROADCAST, TASK, RESULT };
+    cl_send(a, BT_MSG_DIRECT, BT_PRIO_NORMAL, 0, b->ep, 0, "one", 3); /* one-way */
+    WANT(DIRECT, BT_PRIO_NORMAL, 3);
+    cl_expect(b, &f, BT_MSG_DIRECT, 0);
+    cl_send(a, BT_MSG_DIRECT, BT_PRIO_HIGH, 0, b->ep, 7, "req!", 4);
+    WANT(REQUEST, BT_PRIO_HIGH, 4);
+    cl_expect(b, &f, BT_MSG_DIRECT, 0);
+    cl_send(b, BT_MSG_DIRECT, BT_PRIO_CRITICAL, BT_FRAME_F_REPLY, a->ep, 7, "re", 2);
+    WANT(REPLY, BT_PRIO_CRITICAL, 2);
+    cl_expect(a, &f, BT_MSG_DIRECT, BT_FRAME_F_REPLY);
+    /* Publications and multicasts count as taken in even when nobody listens. */
+    cl_send(a, BT_MSG_PUBLISH, BT_PRIO_LOW, 0, 0x9999, 0, "pub", 3);
+    WANT(PUBLISH, BT_PRIO_LOW, 3);
+    cl_send(a, BT_MSG_MULTICAST, BT_PRIO_NORMAL, 0, 0x8888, 0, "mc", 2);
+    WANT(MULTICAST, BT_PRIO_NORMAL, 2);
+    cl_send(c, BT_MSG_BROADCAST, BT_PRIO_NORMAL, 0, 0, 0, "b1", 2);
+    cl_send(c, BT_MSG_BROADCAST, BT_PRIO_BATCH, 0, 0, 0, "b2b2", 4);
+    WANT(BROADCAST, BT_PRIO_NORMAL, 2);
+    WANT(BROADCAST, BT_PRIO_BATCH, 4);
+    for (int i = 0; i < 2; i++) {
+        cl_expect(a, &f, BT_MSG_BROADCAST, 0);
+        cl_expect(b, &f, BT_MSG_BROADCAST, 0);
+    }
+    /* A TASK from the coordinator (to a queue nobody serves: it waits there), a RESULT from a client. */
+    const uint64_t q = 0x57A75;
+    coord_send(BT_MSG_TASK, BT_PRIO_HIGH, q, 4321, "task", 4);
+    WANT(TASK, BT_PRIO_HIGH, 4);
+    cl_send(b, BT_MSG_RESULT, BT_PRIO_HIGH, 0, BT_EP_COORDINATOR, 1234, "ok", 2);
+    WANT(RESULT, BT_PRIO_HIGH, 2);
+    coord_expect(&f, BT_MSG_RESULT);
+    /* HELLO, the coordinator's WELCOME, a CALL: control. */
+    cl_send(a, BT_MSG_HELLO, BT_PRIO_HIGH, 0, BT_EP_COORDINATOR, 77, "\x80", 1);
+    WANT(CONTROL, BT_PRIO_HIGH, 1);
+    coord_expect(&f, BT_MSG_HELLO);
+    coord_send(BT_MSG_WELCOME, BT_PRIO_HIGH, a->ep, 77, "\x80", 1);
+    WANT(CONTROL, BT_PRIO_HIGH, 1);
+    cl_expect(a, &f, BT_MSG_WELCOME, 0);
+    cl_send(a, BT_MSG_CALL, BT_PRIO_NORMAL, 0, BT_EP_COORDINATOR, 78, "\x80", 1);
+    WANT(CONTROL, BT_PRIO_NORMAL, 1);
+    coord_expect(&f, BT_MSG_CALL);
+    WANT(CONTROL, BT_PRIO_HIGH, 0); /* the CTL_STATS itself */
+#undef WANT
+    stats got;
+    get_stats(&got, 70);
+    CHECK(got.has_by_pattern && got.has_backlog_events && got.has_coord_ring_full);
+    for (size_t p = 0; p < NPAT; p++) {
+        for (int prio = 0; prio < BT_PRIO_COUNT; prio++) {
+            if (got.cells[p][prio][0] != want.cells[p][prio][0] || got.cells[p][prio][1] != want.cells[p][prio][1])
+                fprintf(stderr, "by_pattern %s/%s: got [%llu, %llu], want [%llu, %llu]\n", pattern_names[p],
+                        prio_names[prio], (unsigned long long)got.cells[p][prio][0],
+                        (unsigned long long)got.cells[p][prio][1], (unsigned long long)want.cells[p][prio][0],
+                        (unsigned long long)want.cells[p][prio][1]);
+            CHECK_EQ(got.cells[p][prio][0], want.cells[p][prio][0]);
+            CHECK_EQ(got.cells[p][prio][1], want.cells[p][prio][1]);
+        }
+    }
+    CHECK_EQ(got.frames_in, 10); /* from clients */
+    CHECK_EQ(got.coord_in, 3);   /* TASK, WELCOME, CTL_STATS */
+    CHECK_EQ(got.bad_frames, 0);
+    /* Leave no task behind for the later scenarios. */
+    uint64_t rv[2] = {q, 4321};
+    coord_send(BT_MSG_CTL_REVOKE, BT_PRIO_HIGH, 0, 903, rv, 16);
+    coord_expect(&f, BT_MSG_CTL_REVOKE);
+}
+
+/* A malformed frame stays out of by_pattern: only bad_frames counts it. */
+static void t_stats_bad_frame(void)
+{
+    stats before, after;
+    get_stats(&before, 74);
+    client x;
+    cl_connect(&x);
+    uint8_t junk[BT_FRAME_HEADER_SIZE];
+    memset(junk, 0xEE, sizeof(junk));
+    CHECK_EQ(bt_sock_send_all(x.fd, junk, sizeof(junk)), 0);
+    frame f;
+    cl_expect(&x, &f, 0, BT_FRAME_F_REPLY | BT_FRAME_F_ERROR);
+    CHECK_EQ(cl_recv(&x, &f), 0);
+    coord_expect(&f, BT_MSG_EP_CLOSED);
+    cl_close(&x);
+    get_stats(&after, 75);
+    CHECK_EQ(after.bad_frames, before.bad_frames + 1);
+    for (size_t p = 0; p < NPAT; p++) {
+        for (int prio = 0; prio < BT_PRIO_COUNT; prio++) {
+            /* Only the second CTL_STATS (control, HIGH, 48 bytes) was taken in between. */
+            int ctl = p == 0 && prio == BT_PRIO_HIGH;
+            CHECK_EQ(after.cells[p][prio][0], before.cells[p][prio][0] + (uint64_t)ctl);
+            CHECK_EQ(after.cells[p][prio][1], before.cells[p][prio][1] + (uint64_t)ctl * BT_FRAME_HEADER_SIZE);
+        }
+    }
+}
 
 static void t_ping_direct_hello(client *a, client *b)
 {
@@ -593,10 +793,12 @@ int main(void)
     cl_connect(&b);
     cl_connect(&c);
     CHECK(a.ep != b.ep && b.ep != c.ep);
+    t_stats(&a, &b, &c);
     t_ping_direct_hello(&a, &b);
     t_pubsub_groups(&a, &b, &c);
     t_errors(&a);
     t_bad_streams();
+    t_stats_bad_frame();
     t_rings(&a, &c);
     coord_expect(&f, BT_MSG_EP_CLOSED);
     CHECK_EQ(f.h.source, a.ep);
