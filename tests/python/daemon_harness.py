@@ -186,6 +186,7 @@ def daemon_env(tmp: Path) -> dict[str, str]:
         XDG_STATE_HOME=str(tmp / "state"),
         XDG_CONFIG_HOME=str(tmp / "config"),
         BATON_SOCKET=str(tmp / "run" / "baton" / "b.sock"),
+        BATON_METRICS_PORT="0",  # any free port: test daemons run side by side (the log names the port)
     )
     return env
 

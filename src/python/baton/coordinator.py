@@ -43,6 +43,7 @@ import msgpack
 import ormsgpack
 
 from baton import protocol, wire
+from baton.metrics import Histogram
 from baton.daemon_config import DaemonConfig
 from baton.models import TERMINAL, Status
 from baton.protocol import ErrorCode, MsgType
@@ -166,15 +167,23 @@ class _Peer:
 class _Dispatch:
     """A task claimed by the coordinator and pushed to the router (queued there, or held by an agent)."""
 
-    __slots__ = ("id", "task_id", "token", "agent_type", "endpoint", "expires")
+    __slots__ = ("id", "task_id", "token", "agent_type", "endpoint", "expires", "ready_at", "released_at",
+                 "dispatched_at")
 
-    def __init__(self, did: int, task_id: str, token: int, agent_type: str, expires: float) -> None:
+    def __init__(self, did: int, task_id: str, token: int, agent_type: str, expires: float, ready_at: float,
+                 released_at: float) -> None:
         self.id = did
         self.task_id = task_id
         self.token = token
         self.agent_type = agent_type
         self.endpoint = 0  # 0 while queued in the router
         self.expires = expires  # the lease's end (scheduler clock)
+        # For the metrics (docs/metrics.md): when the task became ready (scheduler clock), when the RESULT that
+        # released it reached the coordinator (monotonic; 0: not released by a result in the turn that pushed
+        # it), when the router reported it dispatched (monotonic; 0: not yet).
+        self.ready_at = ready_at
+        self.released_at = released_at
+        self.dispatched_at = 0.0
 
 
 class _Waiter:
@@ -240,13 +249,18 @@ class Coordinator:
         self._waiters: list[_Waiter] = []
         self._wait_index: dict[str, list[_Waiter]] = {}
         self._waits_dirty = False
-        self._stats_pending: dict[int, tuple[int, int, int, asyncio.TimerHandle]] = {}
+        self._stats_pending: dict[int, asyncio.Future[Any]] = {}  # CTL_STATS corr -> its answer
+        self._background: set[asyncio.Task[None]] = set()
         self._next_ctl = 1
         self.draining = False
         self._paused = False
         self._changed = asyncio.Event()
         self.counters: Counter[str] = Counter()
         self.started = time.monotonic()
+        self.handoff_latency = Histogram()
+        self.queue_wait = Histogram()
+        self.run_time = Histogram()
+        self._turn_t0 = 0.0  # time.monotonic() at the start of the current turn
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -270,8 +284,10 @@ class Coordinator:
             for w in self._waiters:
                 if w.timer is not None:
                     w.timer.cancel()
-            for _, _, _, timer in self._stats_pending.values():
-                timer.cancel()
+            for fut in list(self._stats_pending.values()):
+                fut.cancel()
+            for task in list(self._background):
+                task.cancel()
 
     async def _ticker(self) -> None:
         while True:
@@ -344,6 +360,7 @@ class Coordinator:
     # --- the turn ----------------------------------------------------------------------------------------
 
     def _turn(self, frames: Sequence[bytes]) -> None:
+        self._turn_t0 = time.monotonic()
         self.counters["turns"] += 1
         self.counters["frames_in"] += len(frames)
         unpack_from = _HDR.unpack_from
@@ -509,10 +526,6 @@ class Coordinator:
                 lost += 1
         for w in [w for w in self._waiters if w.endpoint == src]:
             self._drop_waiter(w)
-        for corr, (ep, _, _, timer) in list(self._stats_pending.items()):
-            if ep == src:
-                timer.cancel()
-                del self._stats_pending[corr]
         log.info("endpoint %d disconnected; %d running task(s) go back to ready", src, lost,
                  extra={"endpoint": src, "agent_type": peer.agent_type if peer else None})
 
@@ -529,13 +542,20 @@ class Coordinator:
     def _on_dispatched(self, payload: bytes) -> None:
         flat = _unpack(payload)
         dispatches, peers = self._dispatches, self._peers
-        renew_before = self.scheduler.clock() + self._lease_s / 2
+        now = self.scheduler.clock()
+        renew_before = now + self._lease_s / 2
+        mono = time.monotonic()
+        wait, handoff = self.queue_wait.observe, self.handoff_latency.observe
         for i in range(0, len(flat) - 1, 2):
             d = dispatches.get(flat[i + 1])
             if d is None:
                 continue
             ep = flat[i]
             d.endpoint = ep
+            d.dispatched_at = mono
+            wait(max(0.0, now - d.ready_at))
+            if d.released_at:
+                handoff(mono - d.released_at)
             peer = peers.get(ep)
             if peer is not None:
                 peer.held.add(d.id)
@@ -563,6 +583,8 @@ class Coordinator:
             return
         d = self._dispatches.get(corr)
         if d is not None and d.task_id == tid and d.token == token:
+            if d.dispatched_at:
+                self.run_time.observe(self._turn_t0 - d.dispatched_at)
             self._resolve(d)
         if ok:
             self._done.append((tid, token, r.get("result"), src, corr, prio))
@@ -612,6 +634,7 @@ class Coordinator:
         sch = self.scheduler
         acks: list[tuple[int, int, int, bool, str | None]] = []
         claims: list[TaskRecord] = []
+        released: frozenset[str] = frozenset()  # dependents this turn's results made ready
         refused: dict[str, str] = {}
         renewed: dict[str, float] = {}
         completed: list[str] = []
@@ -627,6 +650,8 @@ class Coordinator:
                     outcome = sch.complete_many(list(judged.values()))
                     completed = outcome.applied
                     rejected = outcome.rejected
+                    if outcome.released:
+                        released = frozenset(outcome.released)
                     for tid, token, _, src, corr, prio in done:
                         if self._is_recorded(tid, token, _COMPLETED):
                             acks.append((src, corr, prio, True, None))
@@ -646,7 +671,7 @@ class Coordinator:
                     # Push before the commit (docs/daemon.md, "Push before commit"): the tokens come from a
                     # fence block that is already durable, so no restart can hand them out again.  Everything
                     # else in _out describes committed state; the RESULT acks are queued after the commit.
-                    self._push(claims)
+                    self._push(claims, released)
                     claims = []
                     pushed_early = True
                     self._send()
@@ -675,7 +700,7 @@ class Coordinator:
                 if d is not None:
                     d.expires = exp
         if claims:
-            self._push(claims)
+            self._push(claims, released)
         if self._waiters:
             if failed or lost or unsent or self._waits_dirty:
                 self._recheck_waits()
@@ -745,7 +770,7 @@ class Coordinator:
                 out += sch.claim_records(t, ROUTER_HOLDER, room, lease_s=self._lease_s)
         return out
 
-    def _push(self, claims: list[TaskRecord]) -> None:
+    def _push(self, claims: list[TaskRecord], released: frozenset[str] = frozenset()) -> None:
         """TASK frames for claimed tasks.  The stored input blob is already msgpack: it is spliced into the
         payload as is instead of being decoded and encoded again."""
         lease = self._lease_s
@@ -775,7 +800,8 @@ class Coordinator:
             out.append(_HDR.pack(_MAGIC, _VERSION, _T_TASK, _HIGH if rec.base_priority >= _HIGH_FROM else _NORMAL,
                                  0, len(payload), 0, _EP,
                                  self._queue_id(t), did, ts) + payload)
-            dispatches[did] = _Dispatch(did, tid, token, t, rec.expires)  # type: ignore[arg-type]  # set by the claim
+            dispatches[did] = _Dispatch(did, tid, token, t, rec.expires or 0.0,  # a claim always sets expires
+                                        rec.ready_at or rec.updated, self._turn_t0 if tid in released else 0.0)
             outstanding[t] += 1
         self._next_did = did
         self.counters["tasks_pushed"] += len(claims)
@@ -1060,33 +1086,50 @@ class Coordinator:
             "tasks": {s: sch.count(s) for s in sorted(_STATUS_VALUES)},
         }
 
+    def agents_by_state(self) -> dict[tuple[str, str], int]:
+        """Connected agents per (agent_type, "idle" | "busy"): busy ones hold at least one task."""
+        out: Counter[tuple[str, str]] = Counter()
+        for peer in self._peers.values():
+            if peer.hello and peer.agent_type is not None:
+                out[(peer.agent_type, "busy" if peer.held else "idle")] += 1
+        return dict(out)
+
     def _op_stats(self, a: _Args, src: int, corr: int, prio: int) -> Any:
         a.done()
-        ctl = self._ctl_corr()
-        timer = asyncio.get_running_loop().call_later(_STATS_TIMEOUT_S, self._stats_timeout, ctl)
-        self._stats_pending[ctl] = (src, corr, prio, timer)
-        self._out.append(_frame(_T_CTL_STATS, _HIGH, 0, 0, ctl, b""))
+
+        async def answer() -> None:
+            router = await self.router_stats()
+            if src in self._peers:  # the caller may have gone meanwhile
+                self._reply(_T_CALL, src, corr, prio, {"daemon": self.daemon_stats(), "router": router})
+                self._send()
+
+        task = asyncio.get_running_loop().create_task(answer())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return _DEFER
 
-    def _on_router_stats(self, ctl: int, payload: bytes) -> None:
-        pending = self._stats_pending.pop(ctl, None)
-        if pending is None:
-            return
-        src, corr, prio, timer = pending
-        timer.cancel()
+    async def router_stats(self, timeout_s: float = _STATS_TIMEOUT_S) -> dict[str, Any] | None:
+        """The router's counters (its ROUTER_STATS map), or None when it does not answer within timeout_s."""
+        ctl = self._ctl_corr()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._stats_pending[ctl] = fut
         try:
-            router = _unpack(payload)
-        except (ValueError, TypeError):
-            router = None
-        self._reply(_T_CALL, src, corr, prio, {"daemon": self.daemon_stats(), "router": router})
+            self._send_now([_frame(_T_CTL_STATS, _HIGH, 0, 0, ctl, b"")])
+            stats = await asyncio.wait_for(fut, timeout_s)
+        except (TimeoutError, RouterGone):
+            return None
+        finally:
+            self._stats_pending.pop(ctl, None)
+        return stats if isinstance(stats, dict) else None
 
-    def _stats_timeout(self, ctl: int) -> None:
-        pending = self._stats_pending.pop(ctl, None)
-        if pending is None:
+    def _on_router_stats(self, ctl: int, payload: bytes) -> None:
+        fut = self._stats_pending.pop(ctl, None)
+        if fut is None or fut.done():
             return
-        src, corr, prio, _ = pending
-        self._reply(_T_CALL, src, corr, prio, {"daemon": self.daemon_stats(), "router": None})
-        self._send()
+        try:
+            fut.set_result(_unpack(payload))
+        except (ValueError, TypeError):
+            fut.set_result(None)
 
     _ops: Final[dict[str, Callable[[Coordinator, _Args, int, int, int], Any]]] = {
         "enqueue": _op_enqueue,

@@ -201,6 +201,14 @@ class _Daemon:
         self.signals = 0
         self.coordinator: Any = None
         self.router_kind = config.router
+        # Execution modes (DESIGN.md section 3) as the metrics show them: switches and REDUNDANT divergences
+        # stay at zero until modes can change at run time.
+        self.mode_switches: dict[str, int] = {}
+        self.redundant_divergences = 0
+
+    @property
+    def mode(self) -> str:
+        return "INTELLIGENT" if self.router_kind == "native" else "PYTHON_ONLY"
 
     def dismiss_router_child(self) -> None:
         """Let an early router child go if nothing took it (Python router, or start-up stopped before)."""
@@ -213,6 +221,7 @@ class _Daemon:
 
         from baton import runtime_dir
         from baton.coordinator import Coordinator
+        from baton.metrics_http import MetricsServer
         from baton.router import RouterGone, RouterOptions
         from baton.sd_notify import notify
 
@@ -235,7 +244,17 @@ class _Daemon:
         listener: socket.socket | None = None
         scheduler: Scheduler | None = None
         link: RouterLink | None = None
+        metrics = MetricsServer(self, cfg.metrics_host, cfg.metrics_port)
         try:
+            try:
+                await metrics.start()  # first: /health/live answers while the rest starts (ready says 503)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {exc.strerror or exc}; "
+                    "choose another metrics_port (--metrics-port, BATON_METRICS_PORT) or stop what uses it"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, metrics.port,
+                     extra={"metrics_port": metrics.port})
             try:
                 scheduler = _open_scheduler(cfg)
             except Exception as exc:
@@ -283,6 +302,7 @@ class _Daemon:
                 await run_task
             return EXIT_OK
         finally:
+            await metrics.close()
             if link is not None and link.alive:
                 with contextlib.suppress(Exception):
                     await link.stop()

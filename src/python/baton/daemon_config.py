@@ -85,7 +85,7 @@ class DaemonConfig(BaseModel):
     db_path: AbsPath = Field(default=None, validate_default=True)
     socket_path: AbsPath
     metrics_host: str = Field(default="127.0.0.1", min_length=1)
-    metrics_port: int = Field(default=9002, ge=1, le=65535)
+    metrics_port: int = Field(default=9002, ge=0, le=65535)  # 0: any free port (logged)
     log_level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
     drain_timeout_s: float = Field(default=30.0, ge=0, allow_inf_nan=False)
     lease_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)

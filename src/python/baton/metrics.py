@@ -28,7 +28,8 @@ METRICS: Final[tuple[Metric, ...]] = (
     Metric("baton_task_transitions", "counter", ("from_state", "to_state"), "Task state changes since start."),
     Metric("baton_tasks_submitted", "counter", (), "Tasks accepted (enqueue, manifest import, requeue)."),
     Metric("baton_tasks_completed", "counter", (), "Tasks completed."),
-    Metric("baton_tasks_failed", "counter", (), "Attempts that ended in failure (reported, lease expired, agent lost)."),
+    Metric("baton_tasks_failed", "counter", (),
+           "Attempts that ended in failure (reported, lease expired, agent lost)."),
     Metric("baton_tasks_retried", "counter", (), "Failed attempts that made the task ready for another try."),
     Metric("baton_tasks_dead_lettered", "counter", (), "Tasks moved to dead_lettered."),
     Metric("baton_ready_tasks", "gauge", ("agent_type",), "Ready tasks waiting for an agent of that type."),
@@ -83,3 +84,91 @@ class Histogram:
             total += n
             out.append((bound, total))
         return out
+
+
+class BatonCollector:
+    """Builds every family of ``METRICS`` from the daemon's live state (a prometheus_client collector).
+
+    ``daemon`` is the running daemon (daemon._Daemon): its ``coordinator`` (None until started), its
+    ``router_kind`` and ``mode`` (see docs/metrics.md).  ``router_stats`` is the router's answer to the
+    statistics request the HTTP handler made right before this scrape (None: no answer, router_up 0)."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+        self.router_stats: Mapping[str, Any] | None = None
+        self._types: set[str] = set()  # agent types seen so far
+
+    def describe(self) -> list[Any]:
+        return []  # families are built per scrape; nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        from baton import __version__
+        from baton.models import Status
+
+        daemon = self.daemon
+        co = daemon.coordinator
+        fams: dict[str, Any] = {}
+        for m in METRICS:
+            cls = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}
+            fams[m.name] = cls[m.kind](m.name, m.help, labels=m.labels)
+        mode = daemon.mode
+        for name in MODES:
+            fams["baton_mode"].add_metric([name], 1.0 if name == mode else 0.0)
+        for reason, n in daemon.mode_switches.items():
+            fams["baton_mode_switches"].add_metric([reason], n)
+        fams["baton_redundant_divergences"].add_metric([], daemon.redundant_divergences)
+        import platform
+
+        fams["baton_build_info"].add_metric([__version__, daemon.router_kind, platform.python_version()], 1.0)
+        if co is not None:
+            agents = co.agents_by_state()
+            for (agent_type, state), n in sorted(agents.items()):
+                fams["baton_agents"].add_metric([agent_type, state], n)
+            self._scheduler(fams, co.scheduler, Status, agents)
+            for name, h in (("baton_handoff_latency_seconds", co.handoff_latency),
+                            ("baton_queue_wait_seconds", co.queue_wait), ("baton_task_run_seconds", co.run_time)):
+                fams[name].add_metric([], h.buckets(), h.sum)
+        self._router(fams)
+        yield from fams.values()
+
+    def _scheduler(self, fams: dict[str, Any], sch: Any, status: Any, agents: Mapping[tuple[str, str], int]) -> None:
+        for s in status:
+            fams["baton_tasks"].add_metric([s.value], sch.count(s.value))
+        act = sch.activity
+        transitions = fams["baton_task_transitions"]
+        for (old, new), n in sorted(act.transitions.items()):
+            transitions.add_metric([old, new], n)
+        fams["baton_tasks_submitted"].add_metric([], act.submitted)
+        fams["baton_tasks_completed"].add_metric([], act.transitions[("running", "completed")])
+        fams["baton_tasks_failed"].add_metric([], act.attempts_failed)
+        fams["baton_tasks_retried"].add_metric([], act.retried)
+        fams["baton_tasks_dead_lettered"].add_metric(
+            [], sum(n for (_, new), n in act.transitions.items() if new == "dead_lettered"))
+        ready, running = sch.ready_by_type(), sch.running_by_type()
+        # Every agent type seen since start keeps its series, 0 included: a series that vanishes is not a zero
+        # to Prometheus (rates and alerts over it would go blank instead of falling).
+        types = self._types
+        types.update(ready, running, (t for t, _ in agents))
+        for t in sorted(types):
+            fams["baton_ready_tasks"].add_metric([t], ready.get(t, 0))
+            fams["baton_wip_in_use"].add_metric([t], running.get(t, 0))
+            limit = sch.config.wip_limit_for(t)
+            if limit is not None:
+                fams["baton_wip_limit"].add_metric([t], limit)
+
+    def _router(self, fams: dict[str, Any]) -> None:
+        st = self.router_stats
+        fams["baton_router_up"].add_metric([], 0.0 if st is None else 1.0)
+        if st is None:
+            return
+        by_pattern = st.get("by_pattern") or {}
+        for pattern, cells in sorted(by_pattern.items()):
+            for prio, (frames, nbytes) in sorted(cells.items()):
+                fams["baton_router_frames"].add_metric([pattern, prio], frames)
+                fams["baton_router_bytes"].add_metric([pattern, prio], nbytes)
+        fams["baton_router_ring_full"].add_metric(["agent"], st.get("ring_backlog_events", 0))
+        fams["baton_router_ring_full"].add_metric(["coordinator"], st.get("coord_ring_full", 0))
+        fams["baton_router_connections"].add_metric([], st.get("connections", 0))
+        fams["baton_router_bad_frames"].add_metric([], st.get("bad_frames", 0))

@@ -119,6 +119,17 @@ _OP_DONE: Final = 1  # [1, now, [[id, result_blob], ...]]
 _CHUNK: Final = 65_536  # images per snapshot row
 
 
+@dataclass(slots=True)
+class Activity:
+    """What this scheduler did since it was opened (the daemon's metrics).  Counted as it happens, never
+    while loading or replaying the store; a transaction that fails after counting keeps its counts."""
+
+    transitions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (from, to) -> changes
+    submitted: int = 0  # records created (enqueue, manifest import, requeue)
+    attempts_failed: int = 0  # reported failures, expired leases, lost agents
+    retried: int = 0  # ... of which made the task ready for another try
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     # WIP limits: running tasks per agent_type (``wip_limits`` overrides per type) and in total (None = no cap).
@@ -175,7 +186,10 @@ class Scheduler:
         self._aging_rate = self._w.aging_rate
         self._static_memo: dict[tuple[int, int, str], float] = {}
         self._in_txn = False
+        self.activity = Activity()
+        self._counting = False  # count transitions only live, never while loading or replaying
         self._load()
+        self._counting = True
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -203,6 +217,7 @@ class Scheduler:
         self._ready_deadline: dict[str, TaskRecord] = {}  # ready tasks whose rank changes with time
         self._counts: Counter[str] = Counter()  # tasks per status
         self._running_n: Counter[str] = Counter()  # running tasks per agent_type
+        self._ready_n: Counter[str] = Counter()  # ready tasks per agent_type (delayed retries included)
         self._requeues: Counter[str] = Counter()  # dead letter id -> copies made
         self._next_seq = 1
         self._last_refresh = float("-inf")
@@ -220,11 +235,15 @@ class Scheduler:
 
     def _load(self) -> None:
         """Snapshot + journal -> memory (at open, and after a failed transaction)."""
-        self._reset()
-        with self.store.read() as c:
-            self._dv = self.store.data_version()
-            self._load_snapshot(c)
-            self._replay(c, self.clock())
+        counting, self._counting = self._counting, False
+        try:
+            self._reset()
+            with self.store.read() as c:
+                self._dv = self.store.data_version()
+                self._load_snapshot(c)
+                self._replay(c, self.clock())
+        finally:
+            self._counting = counting
 
     def _load_snapshot(self, c: sqlite3.Connection) -> None:
         now = self.clock()
@@ -385,14 +404,22 @@ class Scheduler:
     def _index(self, rec: TaskRecord, old: str | None, now: float) -> None:
         """Keep counters and queues in step with ``rec.status`` (which was ``old``; None for a new record)."""
         new = rec.status
+        if self._counting:
+            act = self.activity
+            if old is None:
+                act.submitted += 1
+            elif old != new:
+                act.transitions[(old, new)] += 1
         if old is not None:
             self._counts[old] -= 1
             if old == _RUNNING:
                 self._running_n[rec.agent_type] -= 1
             elif old == _READY:
                 self._ready_deadline.pop(rec.id, None)
+                self._ready_n[rec.agent_type] -= 1
         self._counts[new] += 1
         if new == _READY:
+            self._ready_n[rec.agent_type] += 1
             self._queue(rec, now)
         elif new == _RUNNING:
             self._running_n[rec.agent_type] += 1
@@ -459,7 +486,11 @@ class Scheduler:
             n = len(items)
             self._counts[_READY] -= n
             self._counts[_RUNNING] += n
-            self._running_n[by_id[items[0][0]].agent_type] += n
+            agent_type = by_id[items[0][0]].agent_type
+            self._running_n[agent_type] += n
+            self._ready_n[agent_type] -= n
+            if self._counting:
+                self.activity.transitions[(_READY, _RUNNING)] += n
         elif op[0] == _OP_DONE:
             _, now, items = op
             by_id, running_n = self._by_id, self._running_n
@@ -474,6 +505,8 @@ class Scheduler:
                 out.append(rec)
             self._counts[_RUNNING] -= len(items)
             self._counts[_COMPLETED] += len(items)
+            if self._counting:
+                self.activity.transitions[(_RUNNING, _COMPLETED)] += len(items)
         else:  # pragma: no cover - a journal written by a newer baton
             raise ValueError(f"unknown journal op {op[0]!r}")
         return out
@@ -573,7 +606,8 @@ class Scheduler:
         policy_default = self.config.default_policy.value
         seq = self._next_seq
         children = self._children
-        counts, aging_rate = self._counts, self._aging_rate
+        counts, aging_rate, ready_n = self._counts, self._aging_rate, self._ready_n
+        fast = 0  # records created without _index, which counts the others
         static_memo = self._static_memo
         for tid in order:
             i, s = new[tid]
@@ -613,15 +647,19 @@ class Scheduler:
                 children.setdefault(p, []).append(tid)
             if status == _READY and deadline is None:  # _index's common case, without its calls (callgrind)
                 counts[_READY] += 1
+                ready_n[r.agent_type] += 1
                 r.qver = 1
                 r.rank = static - aging_rate * now
                 self._push_ready(r)
+                fast += 1
             else:
                 self._index(r, None, now)
             self._puts[tid] = r
             results[i] = _new_result((tid, True, _STATUS[status]))
         self._next_seq = seq
         self._mutated = True
+        if self._counting:
+            self.activity.submitted += fast
 
         if has_prereqs:  # stored prerequisites now have longer chains below them
             bumps: dict[str, int] = {}
@@ -889,11 +927,13 @@ class Scheduler:
                 if count_attempt:
                     log.info("released %s (holder %s, token %d): %s", task_id, rec.holder, token, reason)
                     rec.history = (*rec.history, _attempt(rec, now, "lease_expired", reason))
+                    self.activity.attempts_failed += 1
                     if rec.attempts >= rec.max_attempts:
                         self._to_dead(rec, Status.DEAD_LETTERED, f"{reason}; attempts exhausted", now)
                         out[task_id] = rec.status
                         continue
                     rec.error = reason
+                    self.activity.retried += 1
                 else:
                     rec.attempts -= 1
                 rec.holder = rec.expires = None
@@ -937,9 +977,11 @@ class Scheduler:
             err = "timed out" if timed_out else "lease expired"
             log.info("lease of %s expired (holder %s, token %d)", rec.id, rec.holder, token)
             rec.history = (*rec.history, _attempt(rec, now, "lease_expired", err))
+            self.activity.attempts_failed += 1
             if rec.attempts >= rec.max_attempts:
                 self._to_dead(rec, Status.DEAD_LETTERED, f"{err}; attempts exhausted", now)
             else:
+                self.activity.retried += 1
                 rec.holder = rec.expires = None
                 rec.error = err
                 self._set(rec, _READY, now)
@@ -1079,8 +1121,10 @@ class Scheduler:
             rec = self._check_holder(task_id, fencing_token)
             outcome = "failed_transient" if transient else "failed_permanent"
             rec.history = (*rec.history, _attempt(rec, now, outcome, error))
+            self.activity.attempts_failed += 1
             attempts, max_attempts = rec.attempts, rec.max_attempts
             if transient and attempts < max_attempts:
+                self.activity.retried += 1
                 delay = self.backoff_delay(attempts)
                 rec.not_before = now + delay
                 rec.holder = rec.expires = None
@@ -1329,6 +1373,12 @@ class Scheduler:
     def running_by_type(self) -> dict[str, int]:
         self._sync()
         return {k: v for k, v in self._running_n.items() if v}
+
+    def ready_by_type(self) -> dict[str, int]:
+        """Ready tasks per agent_type (those in retry backoff included), from a counter kept up to date; every
+        agent_type that had a ready task since the scheduler was opened is listed, with 0 if it has none."""
+        self._sync()
+        return dict(self._ready_n)
 
     def get(self, task_id: str) -> Task:
         self._sync()

@@ -234,6 +234,10 @@ class TaskStore:
             raise RuntimeError("task store is closed")
         return self._conn
 
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
