@@ -20,10 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
-def one_run(router: str, what: list[str], bench_args: list[str], env_extra: dict[str, str]) -> list[dict[str, Any]]:
+@contextmanager
+def fresh_daemon(router: str, env_extra: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """A daemon with its own XDG directories in a temporary directory; yields (socket path, its environment).
+    Stopped with SIGTERM on the way out."""
     with tempfile.TemporaryDirectory(prefix="baton-i4-") as tmp:
         env = dict(os.environ, XDG_STATE_HOME=f"{tmp}/state", XDG_RUNTIME_DIR=f"{tmp}/run",
                    XDG_CONFIG_HOME=f"{tmp}/config", **env_extra)
@@ -38,18 +43,23 @@ def one_run(router: str, what: list[str], bench_args: list[str], env_extra: dict
                 if daemon.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"daemon did not start: {open(f'{tmp}/daemon.log').read()}")
                 time.sleep(0.02)
-            out = f"{tmp}/out.json"
-            subprocess.run([sys.executable, "-m", "baton.bench_handoff", *what, "--socket", sock, "--out", out,
-                            *bench_args], env=env, check=True, stdout=subprocess.DEVNULL)
-            with open(out) as f:
-                results: list[dict[str, Any]] = json.load(f)["results"]
-            return results
+            yield sock, env
         finally:
             daemon.send_signal(signal.SIGTERM)
             try:
                 daemon.wait(30)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+
+
+def one_run(router: str, what: list[str], bench_args: list[str], env_extra: dict[str, str]) -> list[dict[str, Any]]:
+    with fresh_daemon(router, env_extra) as (sock, env), tempfile.TemporaryDirectory(prefix="baton-i4o-") as tmp:
+        out = f"{tmp}/out.json"
+        subprocess.run([sys.executable, "-m", "baton.bench_handoff", *what, "--socket", sock, "--out", out,
+                        *bench_args], env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            results: list[dict[str, Any]] = json.load(f)["results"]
+        return results
 
 
 def main() -> int:
