@@ -30,7 +30,7 @@ static size_t ring_push_frames(bt_ring *ring, const uint8_t *p, size_t len)
 
 void bti_router_conn_flush_ring(bt_router *r, rt_conn *c)
 {
-    int wrote = 0;
+    int wrote = 0, full = 0;
     if (buf_live(&c->backlog)) {
         size_t k = ring_push_frames(c->r2c, c->backlog.p + c->backlog.off, buf_live(&c->backlog));
         buf_consume(&c->backlog, k);
@@ -46,11 +46,12 @@ void bti_router_conn_flush_ring(bt_router *r, rt_conn *c)
             /* Full: keep the rest, in order, for the next turns; never the socket (it would overtake). */
             if (buf_append(&c->backlog, s->p + k, s->len - k) < 0)
                 bti_router_conn_mark_close(r, c, 1, "out of memory for the ring backlog");
-            r->st.ring_backlog++;
+            full = 1;
         }
         c->staged -= s->len;
         s->len = 0;
     }
+    r->st.ring_backlog += (uint64_t)full; /* ring_backlog_events: one per flush that left new frames waiting */
     if (wrote)
         bt_ring_publish(c->r2c); /* one publish (and at most one doorbell) per connection per turn */
 }

@@ -100,6 +100,24 @@ _PRIVILEGED: Final = frozenset(
 )
 _TO_COORDINATOR: Final = frozenset({MsgType.HELLO, MsgType.CALL, MsgType.RESULT, MsgType.HEARTBEAT})
 
+# ROUTER_STATS "by_pattern" (docs/protocol.md): every frame taken in is counted under a routing pattern and its
+# priority.  The pattern follows the type; DIRECT splits into direct (corr 0), request and reply (F_REPLY);
+# every type not named here is control.  Same names and rules as the C router (rt_count_in).
+_PATTERNS: Final = ("control", "direct", "request", "reply", "publish", "multicast", "broadcast", "task", "result")
+_PAT_DIRECT: Final = _PATTERNS.index("direct")
+_PAT_REQUEST: Final = _PATTERNS.index("request")
+_PAT_REPLY: Final = _PATTERNS.index("reply")
+_PRIO_NAMES: Final = ("critical", "high", "normal", "low", "batch")
+_NAMED_PATTERNS: Final = {
+    int(MsgType.DIRECT): "direct",
+    int(MsgType.PUBLISH): "publish",
+    int(MsgType.MULTICAST): "multicast",
+    int(MsgType.BROADCAST): "broadcast",
+    int(MsgType.TASK): "task",
+    int(MsgType.RESULT): "result",
+}
+_PATTERN_OF: Final = tuple(_PATTERNS.index(_NAMED_PATTERNS.get(t, "control")) for t in range(256))  # type -> index
+
 try:  # rings are optional: the Python router must run where libbaton is missing (PYTHON_ONLY)
     from baton import native as _native
 
@@ -187,7 +205,7 @@ class _Queue:
 class _Ring:
     """The router's ends of a client's shared-memory ring pair and their doorbells."""
 
-    __slots__ = ("c2r", "r2c", "c2r_bell", "r2c_bell", "backlog", "max_record")
+    __slots__ = ("c2r", "r2c", "c2r_bell", "r2c_bell", "backlog", "carried", "max_record")
 
     def __init__(self, c2r: Any, r2c: Any, c2r_bell: int, r2c_bell: int) -> None:
         self.c2r = c2r
@@ -200,6 +218,7 @@ class _Ring:
         r2c.set_doorbell(r2c_bell)
         c2r.arm()
         self.backlog: deque[bytes] = deque()  # CRITICAL/HIGH frames waiting for room in r2c, in order
+        self.carried = 0  # frames the last write left in backlog (already counted in ring_backlog_events)
         self.max_record = int(r2c.stats()["max_record"])
 
     def close(self) -> None:
@@ -323,9 +342,13 @@ class PythonRouterLink:
                 "revoked",
                 "dropped",
                 "rings",
+                "ring_backlog_events",
+                "coord_ring_full",  # stays 0: the coordinator takes frames in-process, there is no ring to fill
             ),
             0,
         )
+        # Frames taken in by pattern and priority: [frames, bytes] at _PATTERNS index * _N_PRIO + priority.
+        self._by_pattern: list[list[int]] = [[0, 0] for _ in range(len(_PATTERNS) * _N_PRIO)]
 
     # --- RouterLink ---------------------------------------------------------------------------------------
 
@@ -391,14 +414,29 @@ class PythonRouterLink:
     def alive(self) -> bool:
         return self._started and not self._stopped
 
-    def stats(self) -> dict[str, int]:
-        """Counter name -> value (what ROUTER_STATS carries)."""
-        s = dict(self._stats)
-        s["endpoints"] = len(self._conns)
+    def stats(self) -> dict[str, int | dict[str, dict[str, list[int]]]]:
+        """Counter name -> value, and "by_pattern" (what ROUTER_STATS carries; docs/protocol.md)."""
+        s: dict[str, int | dict[str, dict[str, list[int]]]] = dict(self._stats)
+        s["endpoints"] = s["connections"] = len(self._conns)
         s["queued_tasks"] = sum(len(q.index) for q in self._queues.values())
         s["held_tasks"] = sum(len(c.held) for c in self._conns.values())
         s["paused"] = int(self._paused)
+        by_pattern: dict[str, dict[str, list[int]]] = {}
+        for i, cell in enumerate(self._by_pattern):
+            if cell[0]:
+                pattern, prio = divmod(i, _N_PRIO)
+                by_pattern.setdefault(_PATTERNS[pattern], {})[_PRIO_NAMES[prio]] = list(cell)
+        s["by_pattern"] = by_pattern
         return s
+
+    def _count_in(self, hdr: FrameHeader, size: int) -> None:
+        """Count one frame taken in (by_pattern) under its pattern and priority, with its full size."""
+        pattern = _PATTERN_OF[hdr.type]
+        if pattern == _PAT_DIRECT:
+            pattern = _PAT_REPLY if hdr.flags & F_REPLY else _PAT_REQUEST if hdr.correlation_id else _PAT_DIRECT
+        cell = self._by_pattern[pattern * _N_PRIO + hdr.priority]
+        cell[0] += 1
+        cell[1] += size
 
     # --- accepting ----------------------------------------------------------------------------------------
 
@@ -582,6 +620,7 @@ class PythonRouterLink:
 
     def _from_client(self, conn: _Conn, hdr: FrameHeader, raw: memoryview) -> None:
         self._stats["frames_in"] += 1
+        self._count_in(hdr, len(raw))
         t = hdr.type
         ep = conn.ep
         if t in _TO_COORDINATOR:
@@ -614,6 +653,7 @@ class PythonRouterLink:
             self._log("error", f"bad frame from the coordinator dropped: {exc}")
             return
         self._stats["frames_in"] += 1
+        self._count_in(hdr, size)
         t = hdr.type
         ep = EP_COORDINATOR
         if t == MsgType.TASK:
@@ -933,6 +973,7 @@ class PythonRouterLink:
 
     def _write_ring(self, conn: _Conn, ring: _Ring) -> None:
         backlog = ring.backlog
+        written = 0
         while backlog:
             batch = list(itertools.islice(backlog, _RING_BATCH))
             try:
@@ -945,8 +986,14 @@ class PythonRouterLink:
             for _ in range(n):
                 backlog.popleft()
             self._stats["frames_out"] += n
+            written += n
             if n < len(batch):
                 break
+        # ring_backlog_events, as in the C router: a write that left frames sent since the last one waiting
+        # (the ring was full); retrying frames already counted is not a new event.
+        if len(backlog) > max(ring.carried - written, 0):
+            self._stats["ring_backlog_events"] += 1
+        ring.carried = len(backlog)
         if backlog and self._ring_retry is None and self._loop is not None:
             self._ring_retry = self._loop.call_later(_RING_RETRY_S, self._retry_rings)
 
