@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,15 +23,18 @@ from router_harness import (
     CRITICAL,
     F_ERROR,
     F_REPLY,
+    HIGH,
     NORMAL,
     Client,
     as_nobody,
     collect_as_nobody,
     Frame,
     Harness,
+    LinkDriver,
     coord_frame,
     frame,
     dispatched_pairs,
+    pack,
     parse,
     read_as_nobody,
     too_large_header,
@@ -501,14 +505,138 @@ def test_ping_echoes_the_payload(h: Harness) -> None:
     assert f.payload == b"\x01\x02echo" and not f.flags & F_ERROR and f.destination == a.ep
 
 
+def router_stats(h: Harness, corr: int) -> dict[str, Any]:
+    """ROUTER_STATS for a CTL_STATS sent now (after every coordinator frame sent before it)."""
+    h.coord.ctl(MsgType.CTL_STATS, corr=corr)
+    f = h.coord.recv_until(reply_to(MsgType.ROUTER_STATS, corr), what="ROUTER_STATS")
+    assert not f.flags & F_ERROR and f.source == 0 and f.destination == COORD
+    stats = f.obj()
+    assert isinstance(stats, dict)
+    return stats
+
+
+# What an exporter reads from either router (docs/protocol.md, ROUTER_STATS).
+SHARED_STATS_KEYS = ("by_pattern", "connections", "bad_frames", "ring_backlog_events", "coord_ring_full")
+LOW, BATCH = wire.Priority.LOW, wire.Priority.BATCH
+PRIO_NAMES = ("critical", "high", "normal", "low", "batch")
+
+
 def test_ctl_stats_replies_router_stats(h: Harness) -> None:
     a = h.connect()
     a.ping(1)
-    h.coord.ctl(MsgType.CTL_STATS, corr=44)
-    f = h.coord.recv_until(lambda f: is_reply(f, MsgType.ROUTER_STATS, 44), what="ROUTER_STATS")
-    stats = f.obj()
-    assert isinstance(stats, dict) and stats
-    assert all(isinstance(k, str) and isinstance(v, int) for k, v in stats.items()), stats
+    stats = router_stats(h, 44)
+    assert set(SHARED_STATS_KEYS) <= set(stats), sorted(stats)
+    counters = {k: v for k, v in stats.items() if k != "by_pattern"}
+    assert counters and all(isinstance(k, str) and isinstance(v, int) for k, v in counters.items()), stats
+    assert stats["connections"] == 1 and stats["bad_frames"] == 0
+    assert stats["ring_backlog_events"] == 0 and stats["coord_ring_full"] == 0
+    # The PING, and the CTL_STATS that asked (counted before the reply is built).
+    assert stats["by_pattern"] == {"control": {"normal": [2, 2 * wire.HEADER_SIZE + len(b"barrier")]}}
+
+
+def test_stats_count_every_frame_taken_in_by_pattern_and_priority(h: Harness) -> None:
+    """A known mix from clients and from the coordinator; by_pattern must hold exactly these cells."""
+    want: dict[str, dict[str, list[int]]] = {}
+
+    def counted(pattern: str, raw: bytes) -> bytes:
+        cell = want.setdefault(pattern, {}).setdefault(PRIO_NAMES[raw[6]], [0, 0])  # header byte 6: priority
+        cell[0] += 1
+        cell[1] += len(raw)  # header and payload
+        return raw
+
+    def coord(pattern: str, type: int, **kw: Any) -> None:
+        h.coord.send([counted(pattern, coord_frame(type, **kw))])
+
+    def send(c: Client, pattern: str, type: int, **kw: Any) -> None:
+        c.send_raw(counted(pattern, frame(type, **kw)))
+
+    def got(c: Client | LinkDriver, type: int, corr: int = 0) -> Frame:
+        return c.recv_until(lambda f: f.type == type and f.corr == corr, what=f"type {type} corr {corr}")
+
+    a, b, agent = h.connect(), h.connect(), h.connect()
+    qid = protocol.queue_id("metrics")
+    coord("control", MsgType.CTL_AGENT, payload=protocol.CTL_AGENT.pack(agent.ep, qid, 1))
+    # DIRECT: one-way, a request and its reply.
+    send(a, "direct", MsgType.DIRECT, destination=b.ep, payload=b"one way")
+    got(b, MsgType.DIRECT)
+    send(a, "request", MsgType.DIRECT, priority=HIGH, destination=b.ep, corr=5, payload=b"question")
+    got(b, MsgType.DIRECT, 5)
+    send(b, "reply", MsgType.DIRECT, flags=F_REPLY, destination=a.ep, corr=5, payload=b"answer")
+    got(a, MsgType.DIRECT, 5)
+    # Membership is control; PUBLISH, MULTICAST, BROADCAST (at two priorities) are their own patterns.
+    topic, group = protocol.topic_id("metrics"), protocol.group_id("metrics")
+    send(b, "control", MsgType.SUBSCRIBE, destination=topic, corr=10)
+    got(b, MsgType.SUBSCRIBE, 10)
+    send(b, "control", MsgType.JOIN, destination=group, corr=11)
+    got(b, MsgType.JOIN, 11)
+    send(a, "publish", MsgType.PUBLISH, priority=LOW, destination=topic, payload=b"news")
+    got(b, MsgType.PUBLISH)
+    send(a, "multicast", MsgType.MULTICAST, destination=group, payload=b"crew")
+    got(b, MsgType.MULTICAST)
+    send(a, "broadcast", MsgType.BROADCAST, payload=b"all")
+    send(a, "broadcast", MsgType.BROADCAST, priority=BATCH, payload=b"all, later")
+    for c in (b, agent, b, agent):
+        got(c, MsgType.BROADCAST)
+    # A TASK pushed by the coordinator, the agent's RESULT and the coordinator's acknowledgement (a RESULT too).
+    task = {"id": "t1", "token": 1, "agent_type": "metrics", "attempt": 1, "input": None, "metadata": {},
+            "lease_s": 30.0, "timeout_s": None}
+    coord("task", MsgType.TASK, priority=HIGH, destination=qid, corr=1, payload=pack(task))
+    got(agent, MsgType.TASK, 1)
+    send(agent, "result", MsgType.RESULT, destination=COORD, corr=1,
+         payload=pack({"id": "t1", "token": 1, "ok": True, "result": None}))
+    got(h.coord, MsgType.RESULT, 1)
+    coord("result", MsgType.RESULT, flags=F_REPLY, destination=agent.ep, corr=1,
+          payload=pack({"accepted": True, "reason": None}))
+    got(agent, MsgType.RESULT, 1)
+    # HELLO and CALL to the coordinator, its WELCOME and CALL replies: control.
+    send(a, "control", MsgType.HELLO, priority=HIGH, destination=COORD, corr=20,
+         payload=pack({"v": 1, "name": "a", "pid": os.getpid(), "agent_type": None, "capabilities": [], "wip": 0}))
+    got(h.coord, MsgType.HELLO, 20)
+    coord("control", MsgType.WELCOME, priority=HIGH, flags=F_REPLY, destination=a.ep, corr=20, payload=pack({}))
+    got(a, MsgType.WELCOME, 20)
+    send(a, "control", MsgType.CALL, destination=COORD, corr=21, payload=pack({"op": "pulse", "args": {}}))
+    got(h.coord, MsgType.CALL, 21)
+    coord("control", MsgType.CALL, flags=F_REPLY, destination=a.ep, corr=21, payload=pack({"ok": 1}))
+    got(a, MsgType.CALL, 21)
+    counted("control", coord_frame(MsgType.CTL_STATS, corr=45))  # the request that asks is counted too
+    stats = router_stats(h, 45)
+    assert stats["by_pattern"] == want
+    assert stats["bad_frames"] == 0 and stats["connections"] == 3
+    assert set(want) == {"direct", "request", "reply", "publish", "multicast", "broadcast", "task", "result",
+                         "control"}
+    assert want["broadcast"].keys() == {"normal", "batch"}
+
+
+def test_malformed_frames_stay_out_of_by_pattern(h: Harness) -> None:
+    before = router_stats(h, 46)["by_pattern"]
+    bad, big = h.connect(), h.connect()
+    bad.send_raw(b"\0" * 64)
+    bad.wait_eof()
+    big.send_raw(too_large_header(MsgType.DIRECT, 90, MAX_PAYLOAD + 1))
+    big.wait_eof()
+    for c in (bad, big):
+        h.coord.recv_until(lambda f, c=c: f.type == MsgType.EP_CLOSED and f.source == c.ep, what="EP_CLOSED")
+    stats = router_stats(h, 47)
+    assert stats["bad_frames"] == 2
+    # Only the CTL_STATS requests were taken in: the two rejected frames count nowhere but in bad_frames.
+    assert before == {"control": {"normal": [1, wire.HEADER_SIZE]}}
+    assert stats["by_pattern"] == {"control": {"normal": [2, 2 * wire.HEADER_SIZE]}}
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason="rings need libbaton")
+def test_ring_backlog_events_count_a_full_ring(h: Harness) -> None:
+    """A ring client that never reads its r2c ring: CRITICAL frames for it fill the ring, then wait."""
+    a, b = h.connect(), h.connect()
+    a.send(MsgType.RING_SETUP, corr=12, destination=4096)
+    ready = a.recv_until(lambda f: f.corr == 12 and bool(f.flags & F_REPLY), what="RING_READY")
+    assert ready.type == MsgType.RING_READY, ready
+    assert router_stats(h, 48)["ring_backlog_events"] == 0
+    for i in range(16):  # 16 KiB for a 4 KiB ring (records up to 1 KiB)
+        b.send(MsgType.DIRECT, priority=CRITICAL, destination=a.ep, corr=100 + i, payload=b"x" * 900)
+    b.ping(13)  # the router has routed them, and flushed (the ring, then the backlog) in that turn
+    stats = router_stats(h, 49)
+    assert stats["ring_backlog_events"] >= 1, stats
+    assert stats["by_pattern"]["request"] == {"critical": [16, 16 * (wire.HEADER_SIZE + 900)]}
 
 
 def test_ctl_shutdown_closes_everyone_and_stops(h: Harness) -> None:
