@@ -90,6 +90,10 @@ def test_health_and_metrics_after_real_work(daemon: tuple[Daemon, Metrics]) -> N
     assert s[("baton_queue_wait_seconds_count", ())] == 25
     assert s[("baton_ready_tasks", (("agent_type", "m"),))] == 0
     assert s[("baton_router_up", ())] == 1
+    # the agent's RESULTs and the coordinator's TASK pushes, counted by the router itself (RESULT acks too)
+    assert s[("baton_router_frames_total", (("pattern", "task"), ("priority", "normal")))] >= 25
+    assert s[("baton_router_frames_total", (("pattern", "result"), ("priority", "normal")))] >= 25
+    assert s[("baton_router_bytes_total", (("pattern", "task"), ("priority", "normal")))] > 25 * 48
     assert s[("baton_router_connections", ())] >= 0
     mode = "INTELLIGENT" if d.env["BATON_ROUTER"] == "native" else "PYTHON_ONLY"
     assert s[("baton_mode", (("mode", mode),))] == 1
