@@ -123,10 +123,7 @@ class BatonCollector:
 
         fams["baton_build_info"].add_metric([__version__, daemon.router_kind, platform.python_version()], 1.0)
         if co is not None:
-            agents = co.agents_by_state()
-            for (agent_type, state), n in sorted(agents.items()):
-                fams["baton_agents"].add_metric([agent_type, state], n)
-            self._scheduler(fams, co.scheduler, Status, agents)
+            self._scheduler(fams, co.scheduler, Status, co.agents_by_state())
             for name, h in (("baton_handoff_latency_seconds", co.handoff_latency),
                             ("baton_queue_wait_seconds", co.queue_wait), ("baton_task_run_seconds", co.run_time)):
                 fams[name].add_metric([], h.buckets(), h.sum)
@@ -152,6 +149,8 @@ class BatonCollector:
         types = self._types
         types.update(ready, running, (t for t, _ in agents))
         for t in sorted(types):
+            for state in ("idle", "busy"):
+                fams["baton_agents"].add_metric([t, state], agents.get((t, state), 0))
             fams["baton_ready_tasks"].add_metric([t], ready.get(t, 0))
             fams["baton_wip_in_use"].add_metric([t], running.get(t, 0))
             limit = sch.config.wip_limit_for(t)
