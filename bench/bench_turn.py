@@ -1,6 +1,6 @@
 """CPU cost of one coordinator turn on the handoff path, without processes or wakeups.
 
-    python bench/bench_turn.py [--tasks 6000] [--runs 3]
+    python bench/bench_turn.py [--tasks 6000] [--runs 3] [--batch]
 
 A Coordinator over the daemon's own store (``daemon._open_scheduler``: exclusive SQLite, synchronous=NORMAL)
 and a link that only collects frames.  Two agents (types a and b) say HELLO; a chain of tasks alternating
@@ -56,6 +56,43 @@ def frame(typ: int, src: int, corr: int, body: Any, dst: int = protocol.EP_COORD
     return wire.encode(hdr, payload)
 
 
+def batch_run(n: int, wip: int = 64) -> float:
+    """Throughput shape: n independent tasks of one type, one agent with credit ``wip``; each turn brings the
+    router's DISPATCHED notice for every task pushed and the agent's RESULT for each.  Returns microseconds
+    of coordinator work per task (the figure to compare under callgrind: instructions per task)."""
+    with tempfile.TemporaryDirectory(prefix="baton-turn-") as tmp:
+        cfg = DaemonConfig(state_dir=Path(tmp) / "state", socket_path=Path(tmp) / "b.sock",
+                           wip_per_agent_type=wip)
+        link = CollectingLink()
+        co = Coordinator(_open_scheduler(cfg), link, cfg)
+        ep = (1 << 32) | 5
+        co._turn([frame(int(MsgType.EP_OPEN), ep, 0, [os.getpid(), os.getuid(), os.getgid()], 0)])
+        co._turn([frame(int(MsgType.HELLO), ep, 1, {"v": protocol.PROTOCOL_VERSION, "name": "a", "pid": 1,
+                                                     "agent_type": "a", "capabilities": [], "wip": wip})])
+        for i in range(0, n, 5000):
+            co.scheduler.enqueue_many([{"summary": "noop", "agent_type": "a"} for _ in range(min(5000, n - i))])
+        co._pump_now()
+        done = 0
+        t0 = time.perf_counter_ns()
+        while True:
+            tasks = [(h.correlation_id, msgpack.unpackb(payload))
+                     for h, payload, _ in (wire.decode(f) for f in link.sent if f[5] == _T_TASK)]
+            link.sent.clear()
+            if not tasks:
+                break
+            flat = [x for corr, _ in tasks for x in (ep, corr)]
+            turn = [frame(int(MsgType.DISPATCHED), 0, 0, flat)]
+            turn += [frame(int(MsgType.RESULT), ep, corr, {"id": t["id"], "token": t["token"], "ok": True,
+                                                           "result": None}) for corr, t in tasks]
+            co._turn(turn)
+            done += len(tasks)
+        elapsed = time.perf_counter_ns() - t0
+        co.scheduler.close()
+        if done != n:
+            raise SystemExit(f"only {done} of {n} tasks went through")
+        return elapsed / n / 1000
+
+
 def one_run(n: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="baton-turn-") as tmp:
         cfg = DaemonConfig(state_dir=Path(tmp) / "state", socket_path=Path(tmp) / "b.sock")
@@ -99,7 +136,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else "")
     p.add_argument("--tasks", type=int, default=6000)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--batch", action="store_true", help="the throughput shape instead of the handoff chain")
     a = p.parse_args()
+    if a.batch:
+        per_task = [batch_run(a.tasks) for _ in range(a.runs)]
+        print(f"batch: {', '.join(f'{x:.2f}' for x in per_task)} us per task; median "
+              f"{statistics.median(per_task):.2f}")
+        return 0
     runs = [one_run(a.tasks) for _ in range(a.runs)]
     for i, (pre, whole) in enumerate(runs):
         print(f"run {i + 1}: pre-push p50 {pre:6.1f} us   turn p50 {whole:6.1f} us")
