@@ -9,8 +9,8 @@ per scrape (the whole HTTP request, measured by the client) and the size of the 
 
 overhead: no-op throughput (`baton bench handoff throughput`, two agents, wip_per_agent_type 64) of this
 code with Prometheus-style scraping every --interval seconds, against the code at --baseline (a checkout from
-before the metrics, no scraping: it has no endpoint), interleaved run by run; prints tasks/s per run, the
-medians and their ratio.
+before the metrics, no scraping: it has no endpoint), interleaved run by run (each pair in the other order
+than the last); prints tasks/s per run, the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def cmd_overhead(a: argparse.Namespace) -> None:
     rates: dict[str, list[float]] = {"baseline": [], "metrics": []}
     scrapes = 0
     for i in range(a.runs):
-        for label in ("baseline", "metrics"):
+        # Alternate which goes first: the second run of a pair was measured slower whatever it ran.
+        for label in ("baseline", "metrics") if i % 2 == 0 else ("metrics", "baseline"):
             if label == "baseline":
                 os.environ["PYTHONPATH"] = a.baseline
                 res = one_run("native", ["throughput"], bench_args, env)
@@ -106,7 +107,10 @@ def cmd_overhead(a: argparse.Namespace) -> None:
                     nonlocal scrapes
                     wait_http(port)
                     while not stop.wait(a.interval):
-                        scrape_ms(port, 1)
+                        try:
+                            scrape_ms(port, 1)
+                        except OSError:
+                            return  # the run ended and its daemon is gone
                         scrapes += 1
 
                 t = threading.Thread(target=scraper, daemon=True)
