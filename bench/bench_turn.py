@@ -49,6 +49,13 @@ class CollectingLink:
             self.first_task_ns = time.perf_counter_ns()
         self.sent.extend(frames)
 
+    def take_tasks(self) -> list[tuple[int, Any]]:
+        """The TASK frames sent since the last call, as (dispatch id, decoded payload); forgets the rest."""
+        tasks = [(h.correlation_id, msgpack.unpackb(payload))
+                 for h, payload, _ in (wire.decode(f) for f in self.sent if f[5] == _T_TASK)]
+        self.sent.clear()
+        return tasks
+
 
 def frame(typ: int, src: int, corr: int, body: Any, dst: int = protocol.EP_COORDINATOR) -> bytes:
     payload = msgpack.packb(body)
@@ -75,9 +82,7 @@ def batch_run(n: int, wip: int = 64) -> float:
         done = 0
         t0 = time.perf_counter_ns()
         while True:
-            tasks = [(h.correlation_id, msgpack.unpackb(payload))
-                     for h, payload, _ in (wire.decode(f) for f in link.sent if f[5] == _T_TASK)]
-            link.sent.clear()
+            tasks = link.take_tasks()
             if not tasks:
                 break
             flat = [x for corr, _ in tasks for x in (ep, corr)]
@@ -112,9 +117,7 @@ def one_run(n: int) -> tuple[float, float]:
         pre: list[int] = []
         whole: list[int] = []
         while True:
-            tasks = [(h.correlation_id, msgpack.unpackb(payload))
-                     for h, payload, _ in (wire.decode(f) for f in link.sent if f[5] == _T_TASK)]
-            link.sent.clear()
+            tasks = link.take_tasks()
             if not tasks:
                 break
             corr, task = tasks[0]

@@ -183,12 +183,12 @@ def test_sighup_reloads_live_settings(env: dict[str, str], short_tmp: Path, daem
         agent.next_task()
         agent.recv_none(lambda f: f.type == MsgType.TASK, 0.3)  # the type's limit, not the agent's wip 3
         assert c.call("agents")[0]["wip"] == 3
-        conf.write_text("wip_per_agent_type = 3\nmetrics_port = 9555\n")
+        conf.write_text('wip_per_agent_type = 3\nmetrics_host = "127.0.0.2"\n')  # (the env sets metrics_port)
         d.signal(signal.SIGHUP)
         agent.next_task()
         agent.next_task()
         wait_until(lambda: c.call("agents")[0]["held"] == 3, 10, what="three tasks held")
-        wait_until(lambda: "metrics_port changed but only take effect after a restart" in d.log, 10,
+        wait_until(lambda: "metrics_host changed but only take effect after a restart" in d.log, 10,
                    what="the needs-restart log line")
         # an invalid file is refused and the running configuration kept
         conf.write_text("wip_per_agent_type = 0\n")

@@ -267,32 +267,7 @@ class TaskStore:
         none.  Nothing else may run statements on the yielded connection: they would autocommit on their
         own.  The caller does its work in memory first and its SQL last (the coordinator's turn sends its
         TASK frames before any SQL)."""
-        if deferred and self.exclusive and not self._depth:
-            c = self.conn
-            self._depth = 1
-            self._begin_pending = True
-            try:
-                yield c
-            except BaseException:
-                self._depth = 0
-                if self._begin_pending:
-                    self._begin_pending = False
-                else:
-                    c.execute("ROLLBACK")
-                self._end_fence_txn(committed=False)
-                raise
-            self._depth = 0
-            if self._begin_pending:
-                self._begin_pending = False
-                return
-            try:
-                c.execute("COMMIT")
-            except BaseException:
-                self._end_fence_txn(committed=False)
-                raise
-            self._end_fence_txn(committed=True)
-            return
-        with self._transaction("BEGIN IMMEDIATE", rollback_on_error=True) as c:
+        with self._transaction("BEGIN IMMEDIATE", rollback_on_error=True, deferred=deferred and self.exclusive) as c:
             yield c
 
     def _begin(self, c: sqlite3.Connection) -> None:
@@ -308,7 +283,8 @@ class TaskStore:
             yield c
 
     @contextmanager
-    def _transaction(self, begin: str, rollback_on_error: bool) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, begin: str, rollback_on_error: bool, deferred: bool = False
+                     ) -> Iterator[sqlite3.Connection]:
         c = self.conn
         if self._depth:  # nested: the outer transaction commits or rolls back for both
             self._depth += 1
@@ -317,17 +293,26 @@ class TaskStore:
             finally:
                 self._depth -= 1
             return
-        c.execute(begin)
+        if deferred:
+            self._begin_pending = True  # _begin issues it before the first statement
+        else:
+            c.execute(begin)
         self._depth = 1
         self._dv_read = False
         try:
             yield c
         except BaseException:
             self._depth = 0
-            c.execute("ROLLBACK" if rollback_on_error else "COMMIT")
-            self._end_fence_txn(committed=not rollback_on_error)
+            if self._begin_pending:  # no statement ran: nothing to end
+                self._begin_pending = False
+            else:
+                c.execute("ROLLBACK" if rollback_on_error else "COMMIT")
+                self._end_fence_txn(committed=not rollback_on_error)
             raise
         self._depth = 0
+        if self._begin_pending:
+            self._begin_pending = False
+            return
         try:
             c.execute("COMMIT")
         except BaseException:
