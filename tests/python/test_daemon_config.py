@@ -219,6 +219,7 @@ def test_router_choice_is_native_or_python(tmp_path: Path, home: Path) -> None:
 
 def test_an_empty_environment_variable_counts_as_unset(home: Path) -> None:
     assert load_config(None, {"HOME": str(home), "BATON_METRICS_PORT": ""}, {}).metrics_port == 9002
+    assert load_config(None, {"HOME": str(home), "BATON_METRICS_PORT": "0"}, {}).metrics_port == 0  # any free one
 
 
 # --- errors: each names its source and field and says what is expected ----------------------------------------
@@ -273,7 +274,7 @@ def test_wrong_value_in_file_names_file_field_and_expectation(
     ("name", "value", "field", "expected"),
     [
         ("BATON_METRICS_PORT", "abc", "metrics_port", "expected a whole number, got 'abc'"),
-        ("BATON_METRICS_PORT", "0", "metrics_port", "greater than or equal to 1"),
+        ("BATON_METRICS_PORT", "65536", "metrics_port", "less than or equal to 65535"),
         ("BATON_LEASE_S", "soon", "lease_s", "expected a number (seconds), got 'soon'"),
         ("BATON_DRAIN_TIMEOUT_S", "nan", "drain_timeout_s", "finite number"),
         ("BATON_WIP_PER_AGENT_TYPE", "2.5", "wip_per_agent_type", "expected a whole number"),
@@ -305,7 +306,7 @@ def test_a_too_long_default_socket_path_says_where_it_came_from(home: Path) -> N
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path, home: Path) -> None:
-    path = write(tmp_path / "baton.toml", "metrics_port = 0\nbogus = 1\n")
+    path = write(tmp_path / "baton.toml", "metrics_port = 70000\nbogus = 1\n")
     env = {"HOME": str(home), "BATON_LEASE_S": "x", "BATON_WIP_PER_AGENT_TYPE": "-1"}
     msg = config_error(path, env, {"log_level": "shout"})
     lines = msg.splitlines()

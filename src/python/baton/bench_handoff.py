@@ -555,6 +555,9 @@ def measure_throughput(path: str, n: int, agents: int, wip: int, tmp: str, timeo
         with _Procs(path, tmp) as procs:
             for log in logs:
                 procs.start("agent", "bench-noop", wip, log, *am.args())
+            # Every agent up before the end is awaited: with few tasks the first one can finish them all while
+            # another is still starting, and would then be stopped before it can write its log.
+            _wait_agents(client, {"bench-noop": agents})
             _wait_done(client, [s["id"] for s in specs], timeout)
             per_agent = _agents_logs(procs, logs)
     finally:
