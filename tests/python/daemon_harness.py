@@ -4,6 +4,7 @@ an in-process coordinator + router running on a background event loop, and daemo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -338,3 +339,31 @@ class Daemon:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
+
+    def metrics_port(self) -> int:
+        """The port the daemon serves /metrics on: daemon_env asks for any free one (BATON_METRICS_PORT=0, no
+        race with another process taking it) and the daemon logs the one it got."""
+
+        def logged() -> int | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log}")
+            for line in self.log.splitlines():
+                if line.startswith("{") and '"metrics_port"' in line:
+                    return int(json.loads(line)["metrics_port"])
+            return None
+
+        return int(wait_until(logged, 20, 0.02, "the daemon to log its metrics port"))
+
+
+@contextmanager
+def running_daemon(tmp: Path, router: str, **env: str) -> Iterator[Daemon]:
+    """A ready daemon process with that router (and these extra environment variables), killed afterwards."""
+    e = daemon_env(tmp)
+    e["BATON_ROUTER"] = router
+    e.update(env)
+    d = Daemon(tmp, e)
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.kill()

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 from conftest import REPO, wait_for
-from daemon_harness import Daemon, daemon_env
+from daemon_harness import Daemon, running_daemon
 from router_harness import read_as_nobody
 
 from baton import Client, wire
@@ -30,14 +30,8 @@ AGENT = REPO / "tests" / "python" / "e2e_agent.py"
 
 @pytest.fixture(params=["native", "python"])
 def daemon(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Daemon]:
-    env = daemon_env(short_tmp)
-    env["BATON_ROUTER"] = request.param
-    d = Daemon(short_tmp, env)
-    try:
-        d.wait_ready()
+    with running_daemon(short_tmp, request.param) as d:
         yield d
-    finally:
-        d.kill()
 
 
 class Agents:

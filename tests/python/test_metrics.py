@@ -11,17 +11,11 @@ from typing import Any
 
 import pytest
 from conftest import wait_for
-from daemon_harness import Daemon, daemon_env
+from daemon_harness import Daemon, daemon_env, running_daemon
 from prometheus_client.parser import text_string_to_metric_families
 from scheduler_fixtures import ManualClock, make, spec
 
 from baton.metrics import BUCKETS_S, METRICS, Histogram
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Metrics:
@@ -51,16 +45,8 @@ class Metrics:
 
 @pytest.fixture(params=["native", "python"])
 def daemon(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[tuple[Daemon, Metrics]]:
-    env = daemon_env(short_tmp)
-    env["BATON_ROUTER"] = request.param
-    port = free_port()
-    env["BATON_METRICS_PORT"] = str(port)
-    d = Daemon(short_tmp, env)
-    try:
-        d.wait_ready()
-        yield d, Metrics(port)
-    finally:
-        d.kill()
+    with running_daemon(short_tmp, request.param) as d:
+        yield d, Metrics(d.metrics_port())
 
 
 def run_tasks(d: Daemon, n: int, agent_type: str = "m") -> None:

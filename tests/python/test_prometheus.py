@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO, wait_for
-from daemon_harness import Daemon, daemon_env
+from daemon_harness import Daemon, running_daemon
 
 from baton import Client
 
@@ -39,21 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def metrics_port(d: Daemon) -> int:
-    """The port the daemon serves /metrics on: daemon_env asks for any free one (BATON_METRICS_PORT=0, no race
-    with another process taking it) and the daemon logs the one it got."""
-
-    def logged() -> int | None:
-        if d.proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {d.proc.returncode}:\n{d.log}")
-        for line in d.log.splitlines():
-            if line.startswith("{") and '"metrics_port"' in line:
-                return int(json.loads(line)["metrics_port"])
-        return None
-
-    return int(wait_for(logged, 20, 0.02, "the daemon to log its metrics port"))
 
 
 class Prometheus:
@@ -135,19 +120,13 @@ class Prometheus:
 
 @pytest.fixture(params=["native", "python"])
 def daemon(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Daemon]:
-    env = daemon_env(short_tmp)
-    env["BATON_ROUTER"] = request.param
-    d = Daemon(short_tmp, env)
-    try:
-        d.wait_ready()
+    with running_daemon(short_tmp, request.param) as d:
         yield d
-    finally:
-        d.kill()
 
 
 @pytest.fixture
 def prometheus(daemon: Daemon, short_tmp: Path) -> Iterator[Prometheus]:
-    p = Prometheus(short_tmp, metrics_port(daemon))
+    p = Prometheus(short_tmp, daemon.metrics_port())
     try:
         yield p
     finally:
