@@ -367,3 +367,39 @@ def running_daemon(tmp: Path, router: str, **env: str) -> Iterator[Daemon]:
         yield d
     finally:
         d.kill()
+
+
+E2E_AGENT = Path(__file__).parent / "e2e_agent.py"
+
+
+class Agents:
+    """Agent processes of one daemon, all logging to one file."""
+
+    def __init__(self, daemon: Daemon, log: Path) -> None:
+        self.daemon, self.log, self.procs = daemon, log, list[subprocess.Popen[bytes]]()
+
+    def start(self, agent_type: str, wip: int = 1) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, str(E2E_AGENT), "--type", agent_type, "--socket", str(self.daemon.socket_path),
+               "--log", str(self.log), "--wip", str(wip)]
+        p = subprocess.Popen(cmd, env=self.daemon.env)
+        self.procs.append(p)
+        return p
+
+    def entries(self) -> list[tuple[str, str, int, int]]:
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            what, tid, ns, pid = line.split()
+            out.append((what, tid, int(ns), int(pid)))
+        return out
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()

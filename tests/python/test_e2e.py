@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,53 +17,17 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import REPO, wait_for
-from daemon_harness import Daemon, running_daemon
+from conftest import wait_for
+from daemon_harness import Agents, Daemon, running_daemon
 from router_harness import read_as_nobody
 
 from baton import Client, wire
 from baton.protocol import ErrorCode, MsgType
 
-AGENT = REPO / "tests" / "python" / "e2e_agent.py"
-
-
 @pytest.fixture(params=["native", "python"])
 def daemon(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Daemon]:
     with running_daemon(short_tmp, request.param) as d:
         yield d
-
-
-class Agents:
-    """Agent processes of one daemon, all logging to one file."""
-
-    def __init__(self, daemon: Daemon, log: Path) -> None:
-        self.daemon, self.log, self.procs = daemon, log, list[subprocess.Popen[bytes]]()
-
-    def start(self, agent_type: str, wip: int = 1) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, str(AGENT), "--type", agent_type, "--socket", str(self.daemon.socket_path),
-               "--log", str(self.log), "--wip", str(wip)]
-        p = subprocess.Popen(cmd, env=self.daemon.env)
-        self.procs.append(p)
-        return p
-
-    def entries(self) -> list[tuple[str, str, int, int]]:
-        if not self.log.exists():
-            return []
-        out = []
-        for line in self.log.read_text().splitlines():
-            what, tid, ns, pid = line.split()
-            out.append((what, tid, int(ns), int(pid)))
-        return out
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def random_dag(n: int, seed: int) -> list[dict[str, Any]]:

@@ -319,6 +319,35 @@ class Coordinator:
         sch = self.scheduler
         sch.config = dataclasses.replace(sch.config, wip_per_agent_type=config.wip_per_agent_type)
 
+    def adopt_link(self, link: RouterLink) -> None:
+        """Carry on through another router after the old one died (the daemon's switch to PYTHON_ONLY,
+        docs/daemon.md "Router failure").  Every connection died with the old router, so everything that
+        lived only there is rebuilt from the coordinator's side, without losing or repeating a task:
+
+        - tasks queued in the dead router, never dispatched, go back to ready without an attempt;
+        - tasks an agent holds stay running under their lease: the agent reconnects and resends its RESULT
+          (kept until acknowledged) or HEARTBEATs, accepted under the same fencing token; an agent that does
+          not come back loses them when the lease expires, as any silent agent;
+        - agents, credits, waits and statistics requests of the old connections are forgotten (clients see a
+          lost connection and call again)."""
+        self.link = link
+        self._peers.clear()
+        self._credit.clear()
+        self._agents_n.clear()
+        self._outstanding.clear()
+        for d in self._dispatches.values():
+            if d.endpoint == 0:
+                self._unsent.append((d.task_id, d.token))
+        self._dispatches.clear()
+        for w in list(self._waiters):
+            self._drop_waiter(w)
+        for fut in list(self._stats_pending.values()):
+            fut.cancel()
+        if self._paused:
+            self._out.append(_frame(_T_CTL_PAUSE, _HIGH, 0, 0, 0, protocol.CTL_PAUSE.pack(1)))
+        self._flush()
+        self._send()
+
     def begin_drain(self) -> None:
         """Stop taking work: enqueue and import answer ``draining``, the router dispatches no new task."""
         if self.draining:

@@ -280,10 +280,16 @@ class _Daemon:
             gc.enable()
             _trim_malloc()
             stop_wait = asyncio.create_task(self.stop_requested.wait())
-            done, _ = await asyncio.wait({run_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if run_task in done:
-                stop_wait.cancel()
+            while True:
+                done, _ = await asyncio.wait({run_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if run_task not in done:
+                    break
                 err = run_task.exception()
+                if isinstance(err, RouterGone) and self.router_kind == "native" and not stop_wait.done():
+                    link = await self._switch_to_python(link, coordinator, options, "router_disconnected", err)
+                    run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
+                    continue
+                stop_wait.cancel()
                 if isinstance(err, RouterGone):
                     log.error("the router stopped unexpectedly: %s; the daemon exits", err)
                 else:
@@ -336,6 +342,23 @@ class _Daemon:
         link = PythonRouterLink(options)
         await link.start()
         self.router_kind = "python"
+        return link
+
+    async def _switch_to_python(self, old: RouterLink, coordinator: Any, options: Any, reason: str,
+                                err: BaseException) -> RouterLink:
+        """PYTHON_ONLY after the native router failed (DESIGN.md section 3): the Python router takes the same
+        listening socket, agents reconnect to it, the coordinator rebuilds what lived in the old router."""
+        log.error("the native router failed (%s); switching to PYTHON_ONLY: the Python router serves the same "
+                  "socket and agents reconnect", err, extra={"reason": reason})
+        with contextlib.suppress(Exception):
+            await old.stop()
+        from baton.router.python import PythonRouterLink
+
+        link = PythonRouterLink(options)
+        await link.start()
+        self.router_kind = "python"
+        self.mode_switches[reason] = self.mode_switches.get(reason, 0) + 1
+        coordinator.adopt_link(link)
         return link
 
     def _on_stop_signal(self, sig: int) -> None:
