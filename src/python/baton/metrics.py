@@ -102,36 +102,35 @@ class BatonCollector:
         return []  # families are built per scrape; nothing to check at registration
 
     def collect(self) -> Iterator[Any]:
+        import platform
+
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         from baton import __version__
-        from baton.models import Status
 
         daemon = self.daemon
         co = daemon.coordinator
-        fams: dict[str, Any] = {}
-        for m in METRICS:
-            cls = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}
-            fams[m.name] = cls[m.kind](m.name, m.help, labels=m.labels)
+        kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}
+        fams: dict[str, Any] = {m.name: kinds[m.kind](m.name, m.help, labels=m.labels) for m in METRICS}
         mode = daemon.mode
         for name in MODES:
             fams["baton_mode"].add_metric([name], 1.0 if name == mode else 0.0)
         for reason, n in daemon.mode_switches.items():
             fams["baton_mode_switches"].add_metric([reason], n)
         fams["baton_redundant_divergences"].add_metric([], daemon.redundant_divergences)
-        import platform
-
         fams["baton_build_info"].add_metric([__version__, daemon.router_kind, platform.python_version()], 1.0)
         if co is not None:
-            self._scheduler(fams, co.scheduler, Status, co.agents_by_state())
+            self._scheduler(fams, co.scheduler, co.agents_by_state())
             for name, h in (("baton_handoff_latency_seconds", co.handoff_latency),
                             ("baton_queue_wait_seconds", co.queue_wait), ("baton_task_run_seconds", co.run_time)):
                 fams[name].add_metric([], h.buckets(), h.sum)
         self._router(fams)
         yield from fams.values()
 
-    def _scheduler(self, fams: dict[str, Any], sch: Any, status: Any, agents: Mapping[tuple[str, str], int]) -> None:
-        for s in status:
+    def _scheduler(self, fams: dict[str, Any], sch: Any, agents: Mapping[tuple[str, str], int]) -> None:
+        from baton.models import Status
+
+        for s in Status:
             fams["baton_tasks"].add_metric([s.value], sch.count(s.value))
         act = sch.activity
         transitions = fams["baton_task_transitions"]
