@@ -110,6 +110,28 @@ def test_second_daemon_on_the_same_state_is_refused(env: dict[str, str], short_t
         assert c.call("get", id="kept")["status"] == "ready"
 
 
+def test_mode_says_which_router_serves_and_why(env: dict[str, str], short_tmp: Path, daemons: list[Daemon]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    d = start(daemons, short_tmp, env)
+    router = env["BATON_ROUTER"]
+    mode = "INTELLIGENT" if router == "native" else "PYTHON_ONLY"
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "baton.cli", "mode", *args], env=d.env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    report = json.loads(cli("--json"))
+    assert (report["mode"], report["router"], report["reason"]) == (mode, router, f"configured: router {router}")
+    assert len(report["history"]) == 1 and report["switches"] == {}
+    table = cli()
+    assert table.startswith(f"mode {mode} (router {router}) since ") and "configured: router" in table, table
+
+
 def test_config_error_exits_2_with_a_message(env: dict[str, str], short_tmp: Path, daemons: list[Daemon]) -> None:
     env["BATON_METRICS_PORT"] = "abc"
     d = start(daemons, short_tmp, env, ready=False)

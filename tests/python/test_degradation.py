@@ -70,6 +70,11 @@ def test_router_killed_mid_work_switches_to_python_and_loses_nothing(short_tmp: 
                 assert not res.timed_out, res
                 assert set(res.statuses.values()) == {"completed"}, res.statuses
                 assert all(c.get(f"held{i}").attempts == 1 for i in range(2))  # finished, not re-run
+                mode = c.mode()  # what `baton mode` shows
+                assert mode["mode"] == "PYTHON_ONLY" and mode["router"] == "python"
+                assert mode["reason"].startswith("router_disconnected: "), mode
+                assert [h["mode"] for h in mode["history"]] == ["INTELLIGENT", "PYTHON_ONLY"]
+                assert mode["switches"] == {"router_disconnected": 1}
         finally:
             agents.stop()
         ends = Counter(tid for what, tid, _, _ in agents.entries() if what == "end")

@@ -300,6 +300,23 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mode(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        m = c.mode()
+    if args.json:
+        print_json(m)
+        return 0
+    print(f"mode {m['mode']} (router {m['router']}) since {_clock(m['since'])}: {m['reason']}")
+    if m["switches"]:
+        print("switches: " + ", ".join(f"{r} {n}" for r, n in sorted(m["switches"].items())))
+    print_table([(_clock(h["at"]), h["mode"], h["reason"]) for h in m["history"]], ["at", "mode", "reason"])
+    return 0
+
+
+def _clock(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     with _client(args) as c:
         stats = c.stats()
@@ -467,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("agents", parents=[cp], help="connected agents and the tasks they hold")
     p.set_defaults(func=_cmd_agents)
+
+    p = sub.add_parser("mode", parents=[cp], help="the execution mode, why, and its history")
+    p.set_defaults(func=_cmd_mode)
 
     p = sub.add_parser("stats", parents=[cp], help="daemon and router counters")
     p.set_defaults(func=_cmd_stats)

@@ -580,6 +580,10 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return dict(self.call("stats"))
 
+    def mode(self) -> dict[str, Any]:
+        """The daemon's execution mode: {"mode", "reason", "router", "since", "switches", "history"}."""
+        return dict(self.call("mode"))
+
     # -- messaging --
 
     def _fire(self, mtype: int, dest: int, payload: bytes, priority: int = Priority.NORMAL, corr: int = 0,
@@ -1206,6 +1210,10 @@ class AsyncClient:
 
     async def stats(self) -> dict[str, Any]:
         return dict(await self.call("stats"))
+
+    async def mode(self) -> dict[str, Any]:
+        """The daemon's execution mode: {"mode", "reason", "router", "since", "switches", "history"}."""
+        return dict(await self.call("mode"))
 
     # -- messaging --
 

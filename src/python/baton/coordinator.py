@@ -263,6 +263,8 @@ class Coordinator:
         self.queue_wait = Histogram()
         self.run_time = Histogram()
         self._turn_t0 = 0.0  # time.monotonic() at the start of the current turn
+        # The daemon's execution mode for the "mode" CALL (`baton mode`); None outside a daemon.
+        self.mode_report: Callable[[], dict[str, Any]] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -1133,6 +1135,12 @@ class Coordinator:
                 out[(peer.agent_type, "busy" if peer.held else "idle")] += 1
         return dict(out)
 
+    def _op_mode(self, a: _Args, src: int, corr: int, prio: int) -> Any:
+        a.done()
+        if self.mode_report is None:
+            raise CallError(ErrorCode.NOT_FOUND, "no execution mode here: this coordinator runs outside a daemon")
+        return self.mode_report()
+
     def _op_stats(self, a: _Args, src: int, corr: int, prio: int) -> Any:
         a.done()
 
@@ -1180,6 +1188,7 @@ class Coordinator:
         "wait": _op_wait,
         "import_manifest": _op_import_manifest,
         "pulse": _op_pulse,
+        "mode": _op_mode,
         "agents": _op_agents,
         "stats": _op_stats,
     }

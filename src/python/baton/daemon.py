@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -205,10 +206,24 @@ class _Daemon:
         # stay at zero until modes can change at run time.
         self.mode_switches: dict[str, int] = {}
         self.redundant_divergences = 0
+        self.mode_reason = ""  # why the current mode (see _record_mode)
+        self.mode_history: list[dict[str, Any]] = []
 
     @property
     def mode(self) -> str:
         return "INTELLIGENT" if self.router_kind == "native" else "PYTHON_ONLY"
+
+    def _record_mode(self, reason: str) -> None:
+        """The mode just taken and why: `baton mode` shows it with the history (the last 100 entries)."""
+        self.mode_reason = reason
+        self.mode_history.append({"at": time.time(), "mode": self.mode, "reason": reason})
+        del self.mode_history[:-100]
+
+    def mode_report(self) -> dict[str, Any]:
+        """What `baton mode` shows (the coordinator's "mode" CALL)."""
+        return {"mode": self.mode, "reason": self.mode_reason, "router": self.router_kind,
+                "since": self.mode_history[-1]["at"] if self.mode_history else None,
+                "switches": dict(self.mode_switches), "history": list(self.mode_history)}
 
     def dismiss_router_child(self) -> None:
         """Let an early router child go if nothing took it (Python router, or start-up stopped before)."""
@@ -268,6 +283,7 @@ class _Daemon:
             )
             link = await self._start_router(options)
             coordinator = Coordinator(scheduler, link, cfg)
+            coordinator.mode_report = self.mode_report
             self.coordinator = coordinator
             run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
             notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {cfg.socket_path}")
@@ -331,17 +347,22 @@ class _Daemon:
                                         recv_spin_ns=self.config.coordinator_spin_us * 1000, child=child)
                 await link.start()
                 self.router_kind = "native"
+                self._record_mode("configured: router native")
                 return link
             except Exception as exc:
                 # PYTHON_ONLY (DESIGN.md section 3): the same protocol, served from this process.
                 log.warning("the native router is unavailable (%s); serving with the Python router", exc)
-        elif child is not None:
-            child.dismiss()
+                reason = f"native router unavailable at start: {exc}"
+        else:
+            reason = "configured: router python"
+            if child is not None:
+                child.dismiss()
         from baton.router.python import PythonRouterLink
 
         link = PythonRouterLink(options)
         await link.start()
         self.router_kind = "python"
+        self._record_mode(reason)
         return link
 
     async def _switch_to_python(self, old: RouterLink, coordinator: Any, options: Any, reason: str,
@@ -358,6 +379,7 @@ class _Daemon:
         await link.start()
         self.router_kind = "python"
         self.mode_switches[reason] = self.mode_switches.get(reason, 0) + 1
+        self._record_mode(f"{reason}: {err}")
         coordinator.adopt_link(link)
         return link
 
