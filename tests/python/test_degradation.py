@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from daemon_harness import Agents, running_daemon
 from prometheus_client.parser import text_string_to_metric_families
 
 from baton import Client
+from baton.client_errors import ClientError
 
 
 def children(pid: int) -> list[int]:
@@ -88,3 +91,65 @@ def test_router_killed_mid_work_switches_to_python_and_loses_nothing(short_tmp: 
         assert metric(port, "baton_mode", mode="PYTHON_ONLY") == 1
         assert metric(port, "baton_mode_switches_total", reason="router_disconnected") == 1
         assert metric(port, "baton_router_up") == 1
+
+
+def test_mode_set_switches_router_both_ways_and_work_continues(short_tmp: Path) -> None:
+    """`baton mode set`: INTELLIGENT -> PYTHON_ONLY -> INTELLIGENT on a working daemon; agents follow by
+    reconnecting, every task runs once, unknown and unavailable modes are refused with a message."""
+    with running_daemon(short_tmp, "native") as d:
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "baton.cli", "mode", *args], env=d.env, capture_output=True,
+                                  text=True, timeout=60)
+
+        def mode_is(want: str) -> bool:
+            try:
+                with Client(d.socket_path) as c:
+                    return bool(c.mode()["mode"] == want)
+            except (ClientError, OSError):
+                return False  # the switch closed the connection, or the new router is not accepting yet
+
+        def run(batch: str, n: int = 10) -> None:
+            ids = [f"{batch}{i}" for i in range(n)]
+
+            def done() -> bool:
+                try:
+                    with Client(d.socket_path) as c:
+                        if batch not in enqueued:
+                            c.enqueue([{"id": t, "summary": "s", "agent_type": "w"} for t in ids])
+                            enqueued.add(batch)
+                        res = c.wait(ids, timeout=30)
+                        return not res.timed_out and set(res.statuses.values()) == {"completed"}
+                except (ClientError, OSError):
+                    return False
+
+            wait_for(done, timeout=60, what=f"batch {batch} completed")
+
+        enqueued: set[str] = set()
+        agents = Agents(d, short_tmp / "agents.log")
+        try:
+            agents.start("w")
+            agents.start("w")
+            run("a")
+            proc = cli("set", "PYTHON_ONLY")
+            assert proc.returncode == 0 and "switching from INTELLIGENT to PYTHON_ONLY" in proc.stdout, proc
+            wait_for(lambda: mode_is("PYTHON_ONLY"), timeout=30, what="PYTHON_ONLY")
+            wait_for(lambda: not children(d.proc.pid), timeout=30, what="the native router child gone")
+            run("b")
+            assert cli("set", "PYTHON_ONLY").stdout.startswith("already PYTHON_ONLY")
+            assert cli("set", "INTELLIGENT").returncode == 0
+            wait_for(lambda: mode_is("INTELLIGENT"), timeout=30, what="INTELLIGENT again")
+            assert len(children(d.proc.pid)) == 1  # a native router child again
+            run("c")
+            bad = cli("set", "REDUNDANT")
+            assert bad.returncode == 1 and "not available" in bad.stderr, bad
+            bad = cli("set", "FAST")
+            assert bad.returncode == 1 and "unknown mode 'FAST'" in bad.stderr, bad
+            with Client(d.socket_path) as c:
+                m = c.mode()
+            assert [h["mode"] for h in m["history"]] == ["INTELLIGENT", "PYTHON_ONLY", "INTELLIGENT"]
+            assert m["switches"] == {"forced": 2} and m["reason"] == "forced: baton mode set"
+        finally:
+            agents.stop()
+        ends = Counter(tid for what, tid, _, _ in agents.entries() if what == "end")
+        assert sorted(ends) == sorted(f"{b}{i}" for b in "abc" for i in range(10)) and set(ends.values()) == {1}

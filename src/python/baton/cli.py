@@ -301,6 +301,20 @@ def _cmd_agents(args: argparse.Namespace) -> int:
 
 
 def _cmd_mode(args: argparse.Namespace) -> int:
+    if args.action == "set":
+        if not args.mode:
+            print("baton mode set: which mode? INTELLIGENT or PYTHON_ONLY", file=sys.stderr)
+            return 2
+        with _client(args) as c:
+            r = c.set_mode(args.mode.upper())
+        if args.json:
+            print_json(r)
+        elif r["switching_to"]:
+            print(f"switching from {r['mode']} to {r['switching_to']}: connections are closed and reconnect; "
+                  "`baton mode` shows when it is done")
+        else:
+            print(f"already {r['mode']}")
+        return 0
     with _client(args) as c:
         m = c.mode()
     if args.json:
@@ -485,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agents", parents=[cp], help="connected agents and the tasks they hold")
     p.set_defaults(func=_cmd_agents)
 
-    p = sub.add_parser("mode", parents=[cp], help="the execution mode, why, and its history")
+    p = sub.add_parser("mode", parents=[cp], help="the execution mode, why, and its history; `mode set MODE`")
+    p.add_argument("action", nargs="?", choices=["show", "set"], default="show")
+    p.add_argument("mode", nargs="?", help="with set: INTELLIGENT or PYTHON_ONLY")
     p.set_defaults(func=_cmd_mode)
 
     p = sub.add_parser("stats", parents=[cp], help="daemon and router counters")

@@ -584,6 +584,11 @@ class Client:
         """The daemon's execution mode: {"mode", "reason", "router", "since", "switches", "history"}."""
         return dict(self.call("mode"))
 
+    def set_mode(self, mode: str) -> dict[str, Any]:
+        """Force INTELLIGENT or PYTHON_ONLY: {"mode": current, "switching_to": mode or None}.  The switch
+        follows the reply and closes every connection (clients and agents reconnect)."""
+        return dict(self.call("mode_set", mode=mode))
+
     # -- messaging --
 
     def _fire(self, mtype: int, dest: int, payload: bytes, priority: int = Priority.NORMAL, corr: int = 0,
@@ -1214,6 +1219,10 @@ class AsyncClient:
     async def mode(self) -> dict[str, Any]:
         """The daemon's execution mode: {"mode", "reason", "router", "since", "switches", "history"}."""
         return dict(await self.call("mode"))
+
+    async def set_mode(self, mode: str) -> dict[str, Any]:
+        """Force INTELLIGENT or PYTHON_ONLY (see Client.set_mode)."""
+        return dict(await self.call("mode_set", mode=mode))
 
     # -- messaging --
 

@@ -263,8 +263,9 @@ class Coordinator:
         self.queue_wait = Histogram()
         self.run_time = Histogram()
         self._turn_t0 = 0.0  # time.monotonic() at the start of the current turn
-        # The daemon's execution mode for the "mode" CALL (`baton mode`); None outside a daemon.
+        # The daemon's execution mode for the "mode" and "mode_set" CALLs (`baton mode`); None outside a daemon.
         self.mode_report: Callable[[], dict[str, Any]] | None = None
+        self.mode_request: Callable[[str], dict[str, Any]] | None = None  # raises ValueError for a bad mode
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -1141,6 +1142,16 @@ class Coordinator:
             raise CallError(ErrorCode.NOT_FOUND, "no execution mode here: this coordinator runs outside a daemon")
         return self.mode_report()
 
+    def _op_mode_set(self, a: _Args, src: int, corr: int, prio: int) -> Any:
+        mode = a.get("mode", str)
+        a.done()
+        if self.mode_request is None:
+            raise CallError(ErrorCode.NOT_FOUND, "no execution mode here: this coordinator runs outside a daemon")
+        try:
+            return self.mode_request(mode)
+        except ValueError as exc:
+            raise CallError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+
     def _op_stats(self, a: _Args, src: int, corr: int, prio: int) -> Any:
         a.done()
 
@@ -1189,6 +1200,7 @@ class Coordinator:
         "import_manifest": _op_import_manifest,
         "pulse": _op_pulse,
         "mode": _op_mode,
+        "mode_set": _op_mode_set,
         "agents": _op_agents,
         "stats": _op_stats,
     }

@@ -208,6 +208,7 @@ class _Daemon:
         self.redundant_divergences = 0
         self.mode_reason = ""  # why the current mode (see _record_mode)
         self.mode_history: list[dict[str, Any]] = []
+        self._switch_requests: asyncio.Queue[str] | None = None  # router kinds `baton mode set` asked for
 
     @property
     def mode(self) -> str:
@@ -243,6 +244,7 @@ class _Daemon:
         cfg = self.config
         loop = asyncio.get_running_loop()
         self.stop_requested = asyncio.Event()
+        self._switch_requests = asyncio.Queue()
         # Signals first: a SIGTERM during start-up stops the daemon once it can drain, rather than killing it
         # half-started.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -284,6 +286,7 @@ class _Daemon:
             link = await self._start_router(options)
             coordinator = Coordinator(scheduler, link, cfg)
             coordinator.mode_report = self.mode_report
+            coordinator.mode_request = self.request_mode
             self.coordinator = coordinator
             run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
             notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {cfg.socket_path}")
@@ -296,21 +299,39 @@ class _Daemon:
             gc.enable()
             _trim_malloc()
             stop_wait = asyncio.create_task(self.stop_requested.wait())
-            while True:
-                done, _ = await asyncio.wait({run_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if run_task not in done:
-                    break
-                err = run_task.exception()
-                if isinstance(err, RouterGone) and self.router_kind == "native" and not stop_wait.done():
-                    link = await self._switch_to_python(link, coordinator, options, "router_disconnected", err)
-                    run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
-                    continue
-                stop_wait.cancel()
-                if isinstance(err, RouterGone):
-                    log.error("the router stopped unexpectedly: %s; the daemon exits", err)
-                else:
-                    log.error("the coordinator stopped unexpectedly", exc_info=err)
-                return EXIT_FAILURE
+            switch_wait = asyncio.create_task(self._switch_requests.get())
+            try:
+                while True:
+                    done, _ = await asyncio.wait({run_task, stop_wait, switch_wait},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if stop_wait in done:
+                        break
+                    if switch_wait in done:  # `baton mode set`
+                        kind = switch_wait.result()
+                        switch_wait = asyncio.create_task(self._switch_requests.get())
+                        if kind == self.router_kind or run_task.done():
+                            continue
+                        run_task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await run_task
+                        link = await self._switch_router(link, coordinator, options, kind, "forced",
+                                                         "baton mode set")
+                        run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
+                        continue
+                    err = run_task.exception()
+                    if isinstance(err, RouterGone) and self.router_kind == "native":
+                        link = await self._switch_router(link, coordinator, options, "python",
+                                                         "router_disconnected", str(err))
+                        run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
+                        continue
+                    stop_wait.cancel()
+                    if isinstance(err, RouterGone):
+                        log.error("the router stopped unexpectedly: %s; the daemon exits", err)
+                    else:
+                        log.error("the coordinator stopped unexpectedly", exc_info=err)
+                    return EXIT_FAILURE
+            finally:
+                switch_wait.cancel()
             notify("STOPPING=1")
             log.info("draining: no new work, running tasks get up to %.1f s", self.config.drain_timeout_s)
             try:
@@ -337,9 +358,17 @@ class _Daemon:
             lock.close()
 
     async def _start_router(self, options: Any) -> RouterLink:
+        link, fallback = await self._open_router(self.config.router, options)
+        self._record_mode(fallback or f"configured: router {self.config.router}")
+        return link
+
+    async def _open_router(self, kind: str, options: Any) -> tuple[RouterLink, str | None]:
+        """A started router of that kind; for native, the Python router instead when the native one cannot
+        start (PYTHON_ONLY, DESIGN.md section 3), with the reason as the second value."""
         link: RouterLink
         child, self.router_child = self.router_child, None
-        if self.config.router == "native":
+        fallback = None
+        if kind == "native":
             try:
                 from baton.router.native import NativeRouterLink  # type: ignore[import-not-found,unused-ignore]
 
@@ -347,41 +376,50 @@ class _Daemon:
                                         recv_spin_ns=self.config.coordinator_spin_us * 1000, child=child)
                 await link.start()
                 self.router_kind = "native"
-                self._record_mode("configured: router native")
-                return link
+                return link, None
             except Exception as exc:
-                # PYTHON_ONLY (DESIGN.md section 3): the same protocol, served from this process.
                 log.warning("the native router is unavailable (%s); serving with the Python router", exc)
-                reason = f"native router unavailable at start: {exc}"
-        else:
-            reason = "configured: router python"
-            if child is not None:
-                child.dismiss()
+                fallback = f"native router unavailable: {exc}"
+        elif child is not None:
+            child.dismiss()
         from baton.router.python import PythonRouterLink
 
         link = PythonRouterLink(options)
         await link.start()
         self.router_kind = "python"
-        self._record_mode(reason)
-        return link
+        return link, fallback
 
-    async def _switch_to_python(self, old: RouterLink, coordinator: Any, options: Any, reason: str,
-                                err: BaseException) -> RouterLink:
-        """PYTHON_ONLY after the native router failed (DESIGN.md section 3): the Python router takes the same
-        listening socket, agents reconnect to it, the coordinator rebuilds what lived in the old router."""
-        log.error("the native router failed (%s); switching to PYTHON_ONLY: the Python router serves the same "
-                  "socket and agents reconnect", err, extra={"reason": reason})
+    async def _switch_router(self, old: RouterLink, coordinator: Any, options: Any, kind: str, reason: str,
+                             why: str) -> RouterLink:
+        """Serve the same listening socket with another router: the old one is stopped (flushing what it
+        holds, closing its connections; agents reconnect), the new one started, and the coordinator rebuilds
+        what lived only in the old one (Coordinator.adopt_link)."""
+        log.log(logging.ERROR if reason == "router_disconnected" else logging.WARNING,
+                "switching to %s, the %s router serving the same socket (%s: %s); agents reconnect",
+                "INTELLIGENT" if kind == "native" else "PYTHON_ONLY", kind, reason, why, extra={"reason": reason})
         with contextlib.suppress(Exception):
             await old.stop()
-        from baton.router.python import PythonRouterLink
-
-        link = PythonRouterLink(options)
-        await link.start()
-        self.router_kind = "python"
+        link, fallback = await self._open_router(kind, options)
         self.mode_switches[reason] = self.mode_switches.get(reason, 0) + 1
-        self._record_mode(f"{reason}: {err}")
+        self._record_mode(f"{reason}: {why}" + (f"; {fallback}" if fallback else ""))
+        log.warning("now in %s", self.mode, extra={"mode": self.mode})
         coordinator.adopt_link(link)
         return link
+
+    def request_mode(self, mode: str) -> dict[str, Any]:
+        """`baton mode set` (the coordinator's "mode_set" CALL): switch after the reply has gone out."""
+        from baton.metrics import MODES
+
+        routers = {"INTELLIGENT": "native", "PYTHON_ONLY": "python"}
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        if mode not in routers:
+            raise ValueError(f"{mode} is not available in this version: choose INTELLIGENT or PYTHON_ONLY")
+        if mode == self.mode:
+            return {"mode": mode, "switching_to": None}
+        assert self._switch_requests is not None
+        self._switch_requests.put_nowait(routers[mode])
+        return {"mode": self.mode, "switching_to": mode}
 
     def _on_stop_signal(self, sig: int) -> None:
         assert self.stop_requested is not None
