@@ -371,6 +371,9 @@ class Coordinator:
         self.begin_drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        # A barrier: the router answers this after the DISPATCHED notices of every task it handed out before the
+        # pause, so a task an agent has just received counts as running (waited for), not as still queued.
+        await self.router_stats(min(timeout_s, _STATS_TIMEOUT_S))
         while self.running_dispatched():
             left = deadline - loop.time()
             if left <= 0 or not self.link.alive:
