@@ -174,8 +174,9 @@ class TaskStore:
         self.path = str(path)
         # exclusive: this connection is the file's only user for as long as it is open (the daemon owns its
         # state).  SQLite then keeps its lock and the WAL index in this process instead of taking file locks
-        # on every transaction (BEGIN..COMMIT costs about half), nobody else can commit (data_version is
-        # constant), and write(deferred=True) may issue its BEGIN when the first statement needs it.
+        # on every transaction (a BEGIN..COMMIT costs about a quarter less), nobody else can commit
+        # (data_version is constant), and write(deferred=True) may issue its BEGIN when the first statement
+        # needs it.
         self.exclusive = exclusive
         self._begin_pending = False
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; the sqlite3 module's implicit transactions
