@@ -226,6 +226,11 @@ static void agent_leave_queue(bt_router *r, rt_conn *c)
 /* CTL_AGENT: c serves queue qid (0: none) with this credit; a queue it joins or its new credit may dispatch. */
 void bti_router_agent_set(bt_router *r, rt_conn *c, uint64_t qid, uint32_t credit)
 {
+    /* First, so that running out of memory leaves the agent exactly as it was (queue and credit). */
+    if (conn_reserve_held(c, credit) < 0) {
+        bti_router_log(r, "error", "out of memory reserving credit %u; the agent keeps credit %u", credit, c->credit);
+        return;
+    }
     if (c->queue != qid) {
         agent_leave_queue(r, c);
         if (qid) {
@@ -236,10 +241,6 @@ void bti_router_agent_set(bt_router *r, rt_conn *c, uint64_t qid, uint32_t credi
             }
             c->queue = qid;
         }
-    }
-    if (conn_reserve_held(c, credit) < 0) {
-        bti_router_log(r, "error", "out of memory reserving credit %u; the agent keeps credit %u", credit, c->credit);
-        return;
     }
     c->credit = credit;
     if (c->queue) {

@@ -128,15 +128,21 @@ static uint64_t mp_uint(const uint8_t **p)
     return v;
 }
 
-static uint32_t mp_array(const uint8_t **p)
+/* A msgpack array or map header: the fix form (fix | n) or the 16-bit one (tag16, n big-endian). */
+static uint32_t mp_len(const uint8_t **p, uint8_t fix, uint8_t tag16)
 {
     uint8_t t = *(*p)++;
-    if ((t & 0xf0) == 0x90)
+    if ((t & 0xf0) == fix)
         return t & 0x0f;
-    CHECK_EQ(t, 0xdc);
+    CHECK_EQ(t, tag16);
     uint32_t n = (uint32_t)(*p)[0] << 8 | (*p)[1];
     *p += 2;
     return n;
+}
+
+static uint32_t mp_array(const uint8_t **p)
+{
+    return mp_len(p, 0x90, 0xdc);
 }
 
 static int has(const frame *f, const char *s)
@@ -242,13 +248,7 @@ typedef struct stats {
 
 static uint32_t mp_map_n(const uint8_t **p)
 {
-    uint8_t t = *(*p)++;
-    if ((t & 0xf0) == 0x80)
-        return t & 0x0f;
-    CHECK_EQ(t, 0xde);
-    uint32_t n = (uint32_t)(*p)[0] << 8 | (*p)[1];
-    *p += 2;
-    return n;
+    return mp_len(p, 0x80, 0xde);
 }
 
 /* A string (fixstr or str8) copied into out, NUL terminated. */

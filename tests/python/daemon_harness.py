@@ -340,6 +340,14 @@ class Daemon:
             self.proc.wait(10)
         self._log.close()
 
+    def children(self) -> list[int]:
+        """The daemon's child processes (the native router's, when it runs one)."""
+        out: list[int] = []
+        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+            with open(f"/proc/{self.proc.pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        return out
+
     def metrics_port(self) -> int:
         """The port the daemon serves /metrics on: daemon_env asks for any free one (BATON_METRICS_PORT=0, no
         race with another process taking it) and the daemon logs the one it got."""

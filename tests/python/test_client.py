@@ -397,13 +397,9 @@ def test_frames_are_well_formed(fake: FakeDaemon) -> None:
 
 def test_real_daemon_client_agent_and_cli(short_tmp: Path) -> None:
     from baton.agent import Agent
-    from daemon_harness import Daemon, daemon_env
+    from daemon_harness import running_daemon
 
-    env = daemon_env(short_tmp)
-    env["BATON_ROUTER"] = "python"
-    d = Daemon(short_tmp, env)
-    try:
-        d.wait_ready()
+    with running_daemon(short_tmp, "python") as d:
         sock = str(d.socket_path)
         agent = Agent("e2e", wip=2, socket=sock)
         th = threading.Thread(target=lambda: asyncio.run(agent.serve(lambda t: {"sq": t.input * t.input})),
@@ -416,16 +412,10 @@ def test_real_daemon_client_agent_and_cli(short_tmp: Path) -> None:
             res = c.wait([f"n{i}" for i in range(20)], timeout=60)
             assert not res.timed_out and set(res.statuses.values()) == {"completed"}
             assert c.get("n7").result == {"sq": 49}
-        proc = subprocess.run([sys.executable, "-m", "baton.cli", "list", "--json", "--socket", sock], env=env,
+        proc = subprocess.run([sys.executable, "-m", "baton.cli", "list", "--json", "--socket", sock], env=d.env,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert len(json.loads(proc.stdout)) == 20
         agent.stop()
         th.join(20)
         assert agent.accepted == 20
-    finally:
-        d.signal(15)
-        try:
-            d.wait(30)
-        except Exception:
-            d.kill()

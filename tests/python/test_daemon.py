@@ -255,14 +255,6 @@ def test_sigkill_then_restart_loses_no_accepted_task(env: dict[str, str], short_
         assert c2.call("queue_status")["by_status"]["completed"] == 40
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out += [int(c) for c in f.read().split()]
-    return out
-
-
 @pytest.mark.skipif("native" not in ROUTERS, reason="libbaton is not built")
 def test_router_child_started_early_serves_or_is_dismissed(short_tmp: Path, daemons: list[Daemon]) -> None:
     """main() starts the native router's child before it reads the configuration; the router setting from the
@@ -273,7 +265,7 @@ def test_router_child_started_early_serves_or_is_dismissed(short_tmp: Path, daem
     for router, n_children in (("native", 1), ("python", 0)):
         conf.write_text(f'router = "{router}"\n')
         d = start(daemons, short_tmp, env)
-        assert len(_children(d.proc.pid)) == n_children, router
+        assert len(d.children()) == n_children, router
         with d.client() as c:
             assert c.hello()["server"].startswith("baton")
             assert c.call("queue_status")["total"] == 0

@@ -19,19 +19,6 @@ from baton import Client
 from baton.client_errors import ClientError
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
 def metric(port: int, name: str, **labels: str) -> float | None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/metrics")
@@ -48,7 +35,7 @@ def test_router_killed_mid_work_switches_to_python_and_loses_nothing(short_tmp: 
     gate = short_tmp / "gate"
     with running_daemon(short_tmp, "native") as d:
         port = d.metrics_port()
-        router = children(d.proc.pid)
+        router = d.children()
         assert len(router) == 1, router
         agents = Agents(d, short_tmp / "agents.log")
         try:
@@ -134,12 +121,12 @@ def test_mode_set_switches_router_both_ways_and_work_continues(short_tmp: Path) 
             proc = cli("set", "PYTHON_ONLY")
             assert proc.returncode == 0 and "switching from INTELLIGENT to PYTHON_ONLY" in proc.stdout, proc
             wait_for(lambda: mode_is("PYTHON_ONLY"), timeout=30, what="PYTHON_ONLY")
-            wait_for(lambda: not children(d.proc.pid), timeout=30, what="the native router child gone")
+            wait_for(lambda: not d.children(), timeout=30, what="the native router child gone")
             run("b")
             assert cli("set", "PYTHON_ONLY").stdout.startswith("already PYTHON_ONLY")
             assert cli("set", "INTELLIGENT").returncode == 0
             wait_for(lambda: mode_is("INTELLIGENT"), timeout=30, what="INTELLIGENT again")
-            assert len(children(d.proc.pid)) == 1  # a native router child again
+            assert len(d.children()) == 1  # a native router child again
             run("c")
             bad = cli("set", "REDUNDANT")
             assert bad.returncode == 1 and "not available" in bad.stderr, bad

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,11 +24,10 @@ from typing import Any
 
 import pytest
 from conftest import REPO, wait_for
-from daemon_harness import Daemon, running_daemon
+from daemon_harness import Agents, Daemon, running_daemon
 
 from baton import Client
 
-AGENT = REPO / "tests" / "python" / "e2e_agent.py"
 ALERTS = REPO / "monitoring" / "alerts.yml"
 DASHBOARD = REPO / "monitoring" / "grafana" / "baton.json"
 N_TASKS = 40
@@ -135,20 +133,13 @@ def prometheus(daemon: Daemon, short_tmp: Path) -> Iterator[Prometheus]:
 
 @pytest.fixture
 def agents(daemon: Daemon, short_tmp: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs = [subprocess.Popen([sys.executable, str(AGENT), "--type", "work", "--socket", str(daemon.socket_path),
-                               "--log", str(short_tmp / "agents.log"), "--wip", "2"], env=daemon.env)
-             for _ in range(2)]
+    a = Agents(daemon, short_tmp / "agents.log")
     try:
-        yield procs
+        for _ in range(2):
+            a.start("work", wip=2)
+        yield a.procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        a.stop()
 
 
 def dashboard_queries() -> list[tuple[str, str]]:

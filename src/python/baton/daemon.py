@@ -46,6 +46,8 @@ EXIT_FAILURE: Final = 1  # could not run, or stopped abnormally (already running
 EXIT_USAGE: Final = 2  # bad configuration or command line
 
 # Settings a SIGHUP applies at once; any other change is reported as needing a restart.
+# The execution mode each router kind serves (DESIGN.md section 3); REDUNDANT and SPEED_CRITICAL are not built.
+_MODE_OF_ROUTER: Final = {"native": "INTELLIGENT", "python": "PYTHON_ONLY"}
 LIVE_SETTINGS: Final = ("log_level", "wip_per_agent_type", "lease_s", "drain_timeout_s")
 _LISTEN_BACKLOG: Final = 512
 
@@ -202,8 +204,8 @@ class _Daemon:
         self.signals = 0
         self.coordinator: Any = None
         self.router_kind = config.router
-        # Execution modes (DESIGN.md section 3) as the metrics show them: switches and REDUNDANT divergences
-        # stay at zero until modes can change at run time.
+        # Execution modes (DESIGN.md section 3), for the metrics and `baton mode`: switches by reason (router
+        # failure, `baton mode set`); REDUNDANT divergences stay at zero until that mode exists.
         self.mode_switches: dict[str, int] = {}
         self.redundant_divergences = 0
         self.mode_reason = ""  # why the current mode (see _record_mode)
@@ -212,7 +214,7 @@ class _Daemon:
 
     @property
     def mode(self) -> str:
-        return "INTELLIGENT" if self.router_kind == "native" else "PYTHON_ONLY"
+        return _MODE_OF_ROUTER[self.router_kind]
 
     def _record_mode(self, reason: str) -> None:
         """The mode just taken and why: `baton mode` shows it with the history (the last 100 entries)."""
@@ -396,7 +398,7 @@ class _Daemon:
         what lived only in the old one (Coordinator.adopt_link)."""
         log.log(logging.ERROR if reason == "router_disconnected" else logging.WARNING,
                 "switching to %s, the %s router serving the same socket (%s: %s); agents reconnect",
-                "INTELLIGENT" if kind == "native" else "PYTHON_ONLY", kind, reason, why, extra={"reason": reason})
+                _MODE_OF_ROUTER[kind], kind, reason, why, extra={"reason": reason})
         with contextlib.suppress(Exception):
             await old.stop()
         link, fallback = await self._open_router(kind, options)
@@ -410,11 +412,11 @@ class _Daemon:
         """`baton mode set` (the coordinator's "mode_set" CALL): switch after the reply has gone out."""
         from baton.metrics import MODES
 
-        routers = {"INTELLIGENT": "native", "PYTHON_ONLY": "python"}
+        routers = {m: kind for kind, m in _MODE_OF_ROUTER.items()}
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if mode not in routers:
-            raise ValueError(f"{mode} is not available in this version: choose INTELLIGENT or PYTHON_ONLY")
+            raise ValueError(f"{mode} is not available in this version: choose {' or '.join(routers)}")
         if mode == self.mode:
             return {"mode": mode, "switching_to": None}
         assert self._switch_requests is not None
