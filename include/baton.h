@@ -648,18 +648,22 @@ int bt_io_wait(bt_io *io, bt_io_event *evs, int max, int timeout_ms);
 #define BT_MSG_DISPATCHED 42
 #define BT_MSG_ROUTER_LOG 43
 #define BT_MSG_ROUTER_STATS 44
+#define BT_MSG_CONTINUED 45
 #define BT_MSG_CTL_AGENT 50
 #define BT_MSG_CTL_CLOSE 51
 #define BT_MSG_CTL_REVOKE 52
 #define BT_MSG_CTL_PAUSE 54
 #define BT_MSG_CTL_STATS 55
 #define BT_MSG_CTL_SHUTDOWN 56
+#define BT_MSG_CTL_CONTINUE 57
 
 /* Binary control payload sizes: CTL_AGENT <QQI, CTL_CLOSE <Q, CTL_REVOKE <QQ, CTL_PAUSE <I. */
 #define BT_CTL_AGENT_SIZE 20
 #define BT_CTL_CLOSE_SIZE 8
 #define BT_CTL_REVOKE_SIZE 16
 #define BT_CTL_PAUSE_SIZE 4
+/* CTL_CONTINUE: <Q parent dispatch id, then one whole encoded TASK frame (so at least 8 + 48 bytes). */
+#define BT_CTL_CONTINUE_PARENT_SIZE 8
 
 /* RING_SETUP with destination 0 asks for this capacity per ring; the router grants at most the maximum. */
 #define BT_RING_SETUP_DEFAULT_CAPACITY (1u << 20)

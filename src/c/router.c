@@ -176,6 +176,7 @@ static void rt_end_turn(bt_router *r)
         }
     }
     r->dirty.n = 0;
+    bti_router_continued(r);  /* before DISPATCHED, which may hand out the children it released */
     bti_router_dispatched(r); /* before any EP_CLOSED of this turn, which may name the same ids */
     for (uint32_t i = 0; i < r->closing.n; i++) {
         rt_conn *c = r->conns[r->closing.v[i]];
@@ -446,6 +447,7 @@ void bt_router_close(bt_router *r)
     buf_free(&r->cbuf);
     free(r->clens);
     buf_free(&r->disp);
+    buf_free(&r->contd);
     buf_free(&r->pay);
     buf_free(&r->scratch);
     free(r);

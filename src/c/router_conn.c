@@ -288,8 +288,12 @@ void bti_router_conn_unroute(bt_router *r, rt_conn *c, int notify)
     bti_router_ring_release(r, c);
     r->nopen--;
     r->st.closed++;
-    if (notify)
+    if (notify) {
+        /* Its held parents will never report: [parent, 0] for each, just before EP_CLOSED names them. */
+        bti_router_conts_held_gone(r, c);
+        bti_router_continued(r);
         bti_router_ep_closed(r, c);
+    }
     c->nheld = 0;
 }
 

@@ -94,6 +94,20 @@ void bti_router_dispatched(bt_router *r)
     r->ndisp = 0;
 }
 
+/* CONTINUED [parent, released, ...]: what became of each parent's continuations.  Sent before DISPATCHED (which
+ * may hand out a released child) and after the RESULT that settled it (emitted while routing, earlier). */
+void bti_router_continued(bt_router *r)
+{
+    if (!r->ncontd)
+        return;
+    rt_buf *pay = pay_begin(r);
+    mp_array(pay, r->ncontd * 2);
+    buf_append(pay, r->contd.p, buf_live(&r->contd));
+    coord_notify(r, BT_MSG_CONTINUED, BT_PRIO_HIGH, 0, BT_EP_NONE, 0);
+    r->contd.len = r->contd.off = 0;
+    r->ncontd = 0;
+}
+
 void bti_router_coord_publish(bt_router *r)
 {
     while (r->nclens > r->clen_off) {
@@ -177,6 +191,8 @@ static void stats_reply(bt_router *r, const bt_frame_hdr *req)
         {"turns", s->turns},             {"sleeps", s->sleeps},
         {"paused", (uint64_t)r->paused}, {"queues", r->nqueues},
         {"topics", r->topics.n},         {"groups", r->groups.n},
+        {"continuations", r->nconts},    {"continued", s->continued},
+        {"continuations_discarded", s->cont_discarded},
     };
     uint32_t n = (uint32_t)(sizeof(kv) / sizeof(kv[0]));
     rt_buf *pay = pay_begin(r);
@@ -250,6 +266,10 @@ static void coord_frame(bt_router *r, const bt_frame_hdr *h, const uint8_t *fram
     case BT_MSG_CTL_SHUTDOWN:
         r->stop = 1;
         r->exit_rc = 0;
+        bti_router_conts_clear(r); /* dropped unreported: the coordinator is stopping */
+        return;
+    case BT_MSG_CTL_CONTINUE:
+        bti_router_ctl_continue(r, payload, plen);
         return;
     case BT_MSG_SUBSCRIBE:
     case BT_MSG_UNSUBSCRIBE:

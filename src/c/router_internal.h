@@ -31,6 +31,9 @@
 #define RT_SOCK_POLL_NS 20000ull  /* while rings are busy, poll the sockets at least this often */
 #define RT_DRAIN_NS 2000000000ull /* a closing connection gets this long to take what is queued for it */
 #define RT_SHRINK_BYTES (1u << 20)
+/* Continuations (CTL_CONTINUE) the router keeps at most, over every parent: each is a copy of a TASK frame, so
+ * this bounds the memory a coordinator bug could pin.  Beyond it the parent is refused (CONTINUED [parent, 0]). */
+#define RT_CONT_MAX (1u << 20)
 
 /* Tags of the I/O engine's watches: kind in the low 2 bits, connection slot above. */
 #define RT_TAG_LISTEN 0ull
@@ -355,6 +358,12 @@ typedef struct rt_fifo {
     rt_task *head, *tail;
 } rt_fifo;
 
+/* The continuations of one parent dispatch: TASK frames (rt_task.dispatch_id = the child's), in arrival order. */
+typedef struct rt_conts {
+    uint64_t parent;
+    rt_fifo tasks;
+} rt_conts;
+
 typedef struct rt_queue {
     uint64_t id;
     rt_fifo fifo[BT_PRIO_COUNT]; /* CRITICAL first */
@@ -428,7 +437,7 @@ enum {
 typedef struct rt_stats {
     uint64_t accepted, refused, closed, closed_slow, frames_in, frames_out, bytes_out, coord_in, coord_out,
         tasks_in, tasks_queued_peak, dispatched, results, revoked, errors_sent, bad_frames, unknown_dest,
-        ring_setups, ring_backlog, coord_full, turns, sleeps;
+        ring_setups, ring_backlog, coord_full, turns, sleeps, continued, cont_discarded;
     uint64_t in[RT_PAT_COUNT][BT_PRIO_COUNT][2]; /* frames taken in by pattern and priority: [0] frames, [1] bytes */
 } rt_stats;
 
@@ -470,6 +479,15 @@ struct bt_router {
     uint32_t nqueues, qcap;
     rt_task *free_tasks;
     uint32_t queued_total;
+    rt_map qids; /* dispatch id -> how many queued tasks carry it: "is this parent known?" (CTL_CONTINUE) */
+    /* continuations (CTL_CONTINUE): parent dispatch id -> index in conts; each parent's TASK frames in arrival
+     * order, in rt_task records shared with the queues' free list */
+    rt_map cmap;
+    struct rt_conts *conts;
+    uint32_t nparents, parents_cap;
+    uint32_t nconts; /* stored continuations over every parent; 0 lets a RESULT skip all of this */
+    rt_buf contd;    /* this turn's CONTINUED pairs [parent, released], as msgpack uints */
+    uint32_t ncontd;
     /* coordinator output: frames back to back in cbuf with their sizes in clens ([clen_off, nclens) live) */
     rt_buf cbuf;
     uint32_t *clens;
@@ -513,6 +531,8 @@ void bti_router_ep_open(bt_router *r, const rt_conn *c);
 void bti_router_ep_closed(bt_router *r, const rt_conn *c);
 /* This turn's DISPATCHED batch, if any (before the turn's EP_CLOSED, which may name the same ids). */
 void bti_router_dispatched(bt_router *r);
+/* The CONTINUED pairs gathered so far, if any: before DISPATCHED (which may hand out released children). */
+void bti_router_continued(bt_router *r);
 /* One ring publish for everything queued for the coordinator; what does not fit waits for the next turn. */
 void bti_router_coord_publish(bt_router *r);
 /* Read up to RT_RING_RECORDS_PER_TURN frames from the coordinator ring; returns how many. */
@@ -555,10 +575,23 @@ void bti_router_task_push(bt_router *r, const bt_frame_hdr *h, const uint8_t *fr
 int bti_router_queue_revoke(bt_router *r, uint64_t qid, uint64_t dispatch_id);
 void bti_router_agent_set(bt_router *r, rt_conn *c, uint64_t qid, uint32_t credit);
 void bti_router_set_paused(bt_router *r, int paused);
+/* CTL_CONTINUE (payload plen bytes): keep the embedded TASK for its parent, or refuse it (CONTINUED [parent, 0]). */
+void bti_router_ctl_continue(bt_router *r, const uint8_t *payload, uint32_t plen);
+/* The end of connection c: the continuations of every dispatch it still holds are discarded. */
+void bti_router_conts_held_gone(bt_router *r, const rt_conn *c);
+/* CTL_SHUTDOWN: every continuation is dropped without a report (the coordinator is stopping). */
+void bti_router_conts_clear(bt_router *r);
 /* Remove c from every topic, group and queue. */
 void bti_router_route_forget(bt_router *r, rt_conn *c);
 /* Free the queues, their tasks, the task free list, topics and groups (bt_router_close). */
 void bti_router_route_fini(bt_router *r);
+
+/*
+ * result_ok.c: 1 when the msgpack payload p[0..n) is one map whose last "ok" key (a str) has the value true
+ * (0xc3), else 0 -- also for anything malformed, cut, followed by extra bytes, or nested deeper than msgpack's
+ * own unpacker allows.  Reads nothing outside p[0..n); the Python router decides identically.
+ */
+int bt_result_ok(const uint8_t *p, size_t n);
 
 /* ---- router_ring.c: clients' rings ---- */
 

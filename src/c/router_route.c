@@ -11,6 +11,8 @@
 /* Work queues and credit.                                                                           */
 /* ------------------------------------------------------------------------------------------------ */
 
+static void conts_discard(bt_router *r, uint64_t parent);
+
 static rt_queue *queue_get(bt_router *r, uint64_t id, int create)
 {
     uint32_t idx;
@@ -131,11 +133,33 @@ static void dispatch(bt_router *r, rt_conn *c, const uint8_t *frame, uint32_t si
     r->st.dispatched++;
 }
 
+/* The queued-id index (r->qids: dispatch id -> queued copies) answers CTL_CONTINUE's "is the parent known?"
+ * without walking the queues.  Only queued tasks pay for it (a hash update in and out); a task dispatched
+ * straight from the coordinator ring never enters it. */
+static int qids_add(bt_router *r, uint64_t id)
+{
+    uint32_t n = 0;
+    map_get(&r->qids, id, &n);
+    return map_put(&r->qids, id, n + 1);
+}
+
+static void qids_remove(bt_router *r, uint64_t id)
+{
+    uint32_t n;
+    if (!map_get(&r->qids, id, &n))
+        return;
+    if (n > 1)
+        map_put(&r->qids, id, n - 1); /* replaces: cannot grow */
+    else
+        map_del(&r->qids, id);
+}
+
 /* Hand q's next task (q->ntasks > 0) to agent c. */
 static void queue_dispatch_next(bt_router *r, rt_queue *q, rt_conn *c)
 {
     rt_task *t = queue_pop(q);
     r->queued_total--;
+    qids_remove(r, t->dispatch_id);
     dispatch(r, c, t->data, t->len, t->dispatch_id);
     task_free(r, t);
 }
@@ -166,6 +190,10 @@ void bti_router_task_push(bt_router *r, const bt_frame_hdr *h, const uint8_t *fr
     rt_task *t = task_alloc(r, size);
     if (!t)
         goto oom;
+    if (qids_add(r, h->correlation_id) < 0) {
+        task_free(r, t);
+        goto oom;
+    }
     t->next = NULL;
     t->dispatch_id = h->correlation_id;
     t->len = size;
@@ -202,12 +230,195 @@ int bti_router_queue_revoke(bt_router *r, uint64_t qid, uint64_t dispatch_id)
                 q->fifo[p].tail = prev;
             q->ntasks--;
             r->queued_total--;
+            qids_remove(r, dispatch_id);
             task_free(r, t);
             r->st.revoked++;
+            conts_discard(r, dispatch_id); /* a revoked parent never reports: its continuations go too */
             return 1;
         }
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Continuations (CTL_CONTINUE; docs/protocol.md "Continuations", docs/router.md).                  */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* One CONTINUED pair for this turn's batch (sent before DISPATCHED, bti_router_continued). */
+static void conts_report(bt_router *r, uint64_t parent, int released)
+{
+    mp_uint(&r->contd, parent);
+    mp_uint(&r->contd, (uint64_t)released);
+    r->ncontd++;
+    if (released)
+        r->st.continued++;
+    else
+        r->st.cont_discarded++;
+}
+
+/* Take parent idx's list out of the store (the last entry moves into its place); returns its tasks. */
+static rt_task *conts_take(bt_router *r, uint32_t idx)
+{
+    rt_conts *e = &r->conts[idx];
+    rt_task *head = e->tasks.head;
+    for (rt_task *t = head; t; t = t->next)
+        r->nconts--;
+    map_del(&r->cmap, e->parent);
+    if (idx != r->nparents - 1) {
+        *e = r->conts[r->nparents - 1];
+        map_put(&r->cmap, e->parent, idx); /* replaces: cannot grow */
+    }
+    r->nparents--;
+    return head;
+}
+
+static void tasks_free(bt_router *r, rt_task *t)
+{
+    while (t) {
+        rt_task *next = t->next;
+        task_free(r, t);
+        t = next;
+    }
+}
+
+/* Discard parent's continuations, if it has any, and report [parent, 0]. */
+static void conts_discard(bt_router *r, uint64_t parent)
+{
+    uint32_t idx;
+    if (!r->nconts || !map_get(&r->cmap, parent, &idx))
+        return;
+    tasks_free(r, conts_take(r, idx));
+    conts_report(r, parent, 0);
+}
+
+/* The holder of parent sent its RESULT: release its continuations on {"ok": true}, else discard them. */
+static void conts_settle(bt_router *r, uint64_t parent, const uint8_t *payload, uint32_t len)
+{
+    uint32_t idx;
+    if (!map_get(&r->cmap, parent, &idx))
+        return;
+    rt_task *t = conts_take(r, idx);
+    int ok = bt_result_ok(payload, len);
+    conts_report(r, parent, ok);
+    while (t) {
+        rt_task *next = t->next;
+        bt_frame_hdr h;
+        /* Validated when it was stored (bti_router_ctl_continue): decoding again cannot fail. */
+        if (ok && bt_frame_decode(t->data, t->len, BT_FRAME_MAX_PAYLOAD_LIMIT, &h) == (int)t->len)
+            bti_router_task_push(r, &h, t->data, t->len); /* exactly as if the coordinator had pushed it */
+        task_free(r, t);
+        t = next;
+    }
+}
+
+/* Is dispatch id held by an agent or waiting in a queue?  Only asked for a parent's first continuation. */
+static int dispatch_known(bt_router *r, uint64_t id)
+{
+    uint32_t n;
+    if (map_get(&r->qids, id, &n))
+        return 1;
+    /* Held dispatches: at most the sum of the agents' credit, scanned without an index so that dispatch and
+     * RESULT -- the hot path -- keep no per-dispatch map. */
+    for (uint32_t s = 0; s < r->nslots; s++) {
+        rt_conn *c = r->conns[s];
+        if (!c || c->state == RT_DRAINING)
+            continue;
+        for (uint32_t i = 0; i < c->nheld; i++)
+            if (c->held[i] == id)
+                return 1;
+    }
+    return 0;
+}
+
+/* Refuse a CTL_CONTINUE for parent: a warning, and the parent (with whatever it had stored) reported 0. */
+static void conts_refuse(bt_router *r, uint64_t parent, const char *why)
+{
+    bti_router_log(r, "warning", "CTL_CONTINUE for dispatch %llu refused: %s", (unsigned long long)parent, why);
+    uint32_t idx;
+    if (r->nconts && map_get(&r->cmap, parent, &idx))
+        tasks_free(r, conts_take(r, idx));
+    conts_report(r, parent, 0);
+}
+
+void bti_router_ctl_continue(bt_router *r, const uint8_t *payload, uint32_t plen)
+{
+    if (plen < BT_CTL_CONTINUE_PARENT_SIZE) {
+        bti_router_log(r, "warning", "CTL_CONTINUE with a %u-byte payload (no parent dispatch id); ignored", plen);
+        return;
+    }
+    uint64_t parent = ld64(payload);
+    const uint8_t *frame = payload + BT_CTL_CONTINUE_PARENT_SIZE;
+    uint32_t size = plen - BT_CTL_CONTINUE_PARENT_SIZE;
+    bt_frame_hdr h;
+    int rc = bt_frame_decode(frame, size, r->cfg.max_payload, &h);
+    if (rc < 0) {
+        char why[80];
+        snprintf(why, sizeof(why), "the embedded frame is malformed (%s)", strerror(-rc));
+        conts_refuse(r, parent, why);
+        return;
+    }
+    if ((uint32_t)rc != size) {
+        conts_refuse(r, parent, "bytes after the embedded frame");
+        return;
+    }
+    if (h.type != BT_MSG_TASK) {
+        conts_refuse(r, parent, "the embedded frame is not a TASK");
+        return;
+    }
+    if (r->nconts >= RT_CONT_MAX) {
+        conts_refuse(r, parent, "too many continuations stored");
+        return;
+    }
+    uint32_t idx;
+    if (!r->nconts || !map_get(&r->cmap, parent, &idx)) {
+        /* A parent's first continuation: it must be queued or held, else it can never report. */
+        if (!dispatch_known(r, parent)) {
+            conts_report(r, parent, 0);
+            return;
+        }
+        if (r->nparents == r->parents_cap) {
+            rt_conts *v = array_grow(r->conts, &r->parents_cap, 16, sizeof(*v));
+            if (!v) {
+                conts_refuse(r, parent, "out of memory");
+                return;
+            }
+            r->conts = v;
+        }
+        if (map_put(&r->cmap, parent, r->nparents) < 0) {
+            conts_refuse(r, parent, "out of memory");
+            return;
+        }
+        idx = r->nparents++;
+        r->conts[idx] = (rt_conts){.parent = parent};
+    }
+    rt_task *t = task_alloc(r, size);
+    if (!t) {
+        conts_refuse(r, parent, "out of memory");
+        return;
+    }
+    t->next = NULL;
+    t->dispatch_id = h.correlation_id;
+    t->len = size;
+    memcpy(t->data, frame, size);
+    rt_fifo *f = &r->conts[idx].tasks;
+    if (f->tail)
+        f->tail->next = t;
+    else
+        f->head = t;
+    f->tail = t;
+    r->nconts++;
+}
+
+void bti_router_conts_held_gone(bt_router *r, const rt_conn *c)
+{
+    for (uint32_t i = 0; r->nconts && i < c->nheld; i++)
+        conts_discard(r, c->held[i]);
+}
+
+void bti_router_conts_clear(bt_router *r)
+{
+    while (r->nparents)
+        tasks_free(r, conts_take(r, r->nparents - 1));
 }
 
 static void agent_leave_queue(bt_router *r, rt_conn *c)
@@ -340,6 +551,7 @@ void bti_router_route_forget(bt_router *r, rt_conn *c)
 
 void bti_router_route_fini(bt_router *r)
 {
+    bti_router_conts_clear(r); /* first: its records go to the free list, freed below */
     for (uint32_t i = 0; i < r->nqueues; i++) {
         rt_queue *q = r->queues[i];
         rt_task *t;
@@ -353,6 +565,9 @@ void bti_router_route_fini(bt_router *r)
         r->free_tasks = t->next;
         free(t);
     }
+    free(r->conts);
+    map_free(&r->cmap);
+    map_free(&r->qids);
     free(r->queues);
     map_free(&r->qmap);
     sets_free(&r->topics);
@@ -482,6 +697,10 @@ static void result_in(bt_router *r, rt_conn *c, const bt_frame_hdr *h, const uin
         }
     }
     bti_router_coord_emit(r, h, payload, h->payload_len);
+    /* Continuations first, so a released child can go to this agent (or another) in this turn.  With none
+     * stored anywhere (the common case) this is one test; otherwise one hash lookup. */
+    if (found && r->nconts)
+        conts_settle(r, h->correlation_id, payload, h->payload_len);
     if (!found || !c->queue || r->paused)
         return;
     /* The handoff: this agent's next task goes out in this same turn, without the coordinator. */
@@ -554,6 +773,8 @@ void bti_router_conn_frame(bt_router *r, rt_conn *c, bt_frame_hdr *h, const uint
     case BT_MSG_CTL_PAUSE:
     case BT_MSG_CTL_STATS:
     case BT_MSG_CTL_SHUTDOWN:
+    case BT_MSG_CONTINUED:
+    case BT_MSG_CTL_CONTINUE:
         bti_router_send_error_flags(r, c, h->type, h->priority, h->correlation_id, "forbidden",
                                     "only the coordinator may send this frame type", h->flags);
         return;

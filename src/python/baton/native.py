@@ -492,7 +492,7 @@ MSG_NAMES = (
     "HELLO", "WELCOME", "CALL", "DIRECT", "PUBLISH", "SUBSCRIBE", "UNSUBSCRIBE", "JOIN", "LEAVE", "MULTICAST",
     "BROADCAST", "TASK", "RESULT", "HEARTBEAT", "RING_SETUP", "RING_READY", "PING", "EP_OPEN", "EP_CLOSED",
     "DISPATCHED", "ROUTER_LOG", "ROUTER_STATS", "CTL_AGENT", "CTL_CLOSE", "CTL_REVOKE", "CTL_PAUSE", "CTL_STATS",
-    "CTL_SHUTDOWN",
+    "CTL_SHUTDOWN", "CONTINUED", "CTL_CONTINUE",
 )
 
 
@@ -506,9 +506,17 @@ def protocol_constants() -> dict[str, int]:
 
 
 def ctl_payload_size(name: str) -> int:
-    """BT_CTL_<name>_SIZE: the binary payload size of a coordinator control (AGENT, CLOSE, REVOKE, PAUSE)."""
+    """BT_CTL_<name>_SIZE: the binary payload size of a coordinator control (AGENT, CLOSE, REVOKE, PAUSE,
+    CONTINUE_PARENT: the fixed head of CTL_CONTINUE)."""
     _require()
     return int(getattr(lib, f"BT_CTL_{name}_SIZE"))
+
+
+def result_ok(payload: bytes) -> bool:
+    """The C router's verdict on a RESULT payload (bt_result_ok): a msgpack map whose last "ok" is true.  For
+    tests that hold the Python router's twin (router/python.py) to the same answers."""
+    _require()
+    return bool(lib.bt_result_ok(payload, len(payload)))
 
 
 class Router(_Handle):

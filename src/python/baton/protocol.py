@@ -23,6 +23,8 @@ __all__ = [
     "CTL_CLOSE",
     "CTL_REVOKE",
     "CTL_PAUSE",
+    "CTL_CONTINUE_PARENT",
+    "ctl_continue_payload",
     "DEFAULT_RING_CAPACITY",
     "PROTOCOL_VERSION",
     "REPLY_TYPE",
@@ -60,6 +62,7 @@ class MsgType(IntEnum):
     DISPATCHED = 42
     ROUTER_LOG = 43
     ROUTER_STATS = 44
+    CONTINUED = 45
     # coordinator -> router controls (binary payloads)
     CTL_AGENT = 50
     CTL_CLOSE = 51
@@ -67,6 +70,7 @@ class MsgType(IntEnum):
     CTL_PAUSE = 54
     CTL_STATS = 55
     CTL_SHUTDOWN = 56
+    CTL_CONTINUE = 57
 
 
 class ErrorCode:
@@ -96,6 +100,14 @@ CTL_AGENT: Final = struct.Struct("<QQI")  # endpoint, queue id, credit
 CTL_CLOSE: Final = struct.Struct("<Q")  # endpoint
 CTL_REVOKE: Final = struct.Struct("<QQ")  # queue id, dispatch id
 CTL_PAUSE: Final = struct.Struct("<I")  # 1 pause dispatch, 0 resume
+CTL_CONTINUE_PARENT: Final = struct.Struct("<Q")  # parent dispatch id; one whole encoded TASK frame follows
+
+
+def ctl_continue_payload(parent_dispatch_id: int, task_frame: bytes) -> bytes:
+    """The CTL_CONTINUE payload: keep ``task_frame`` (a whole encoded TASK frame, exactly as the coordinator
+    would push it: destination = the work queue id, correlation id = the dependent's own dispatch id) and push
+    it when the agent holding ``parent_dispatch_id`` reports ``"ok": true`` (docs/protocol.md, Continuations)."""
+    return CTL_CONTINUE_PARENT.pack(parent_dispatch_id) + bytes(task_frame)
 
 NameKind = Literal["topic", "group", "queue"]
 
