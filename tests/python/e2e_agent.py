@@ -3,7 +3,8 @@
 For every task it appends ``start <id> <ns>`` and, after the handler, ``end <id> <ns>`` (CLOCK_MONOTONIC,
 shared by every process on the machine) to FILE, so a test can check that no task started before all of its
 prerequisites had ended.  A task whose input is ``{"block": PATH}`` waits until PATH exists (up to 60 s):
-the test can then SIGKILL the agent while it holds the task.
+the test can then SIGKILL the agent while it holds the task; ``{"sleep": SECONDS}`` keeps the agent busy that
+long (work in flight across a mode switch).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main() -> int:
     def handle(task: AgentTask) -> Any:
         log("start", task.id)
         block = task.input.get("block") if isinstance(task.input, dict) else None
+        pause = task.input.get("sleep") if isinstance(task.input, dict) else None
+        if pause:
+            time.sleep(float(pause))
         if block:
             deadline = time.monotonic() + 60
             while not os.path.exists(block) and time.monotonic() < deadline:

@@ -126,10 +126,10 @@ def test_mode_says_which_router_serves_and_why(env: dict[str, str], short_tmp: P
         return proc.stdout
 
     report = json.loads(cli("--json"))
-    assert (report["mode"], report["router"], report["reason"]) == (mode, router, f"configured: router {router}")
+    assert (report["mode"], report["router"], report["reason"]) == (mode, router, f"configured: {mode} (router {router})")
     assert len(report["history"]) == 1 and report["switches"] == {}
     table = cli()
-    assert table.startswith(f"mode {mode} (router {router}) since ") and "configured: router" in table, table
+    assert table.startswith(f"mode {mode} (router {router}) since ") and "configured: " in table, table
 
 
 def test_config_error_exits_2_with_a_message(env: dict[str, str], short_tmp: Path, daemons: list[Daemon]) -> None:

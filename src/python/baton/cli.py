@@ -303,15 +303,17 @@ def _cmd_agents(args: argparse.Namespace) -> int:
 def _cmd_mode(args: argparse.Namespace) -> int:
     if args.action == "set":
         if not args.mode:
-            print("baton mode set: which mode? INTELLIGENT or PYTHON_ONLY", file=sys.stderr)
+            print("baton mode set: which mode? INTELLIGENT, PYTHON_ONLY, REDUNDANT or SPEED_CRITICAL", file=sys.stderr)
             return 2
         with _client(args) as c:
             r = c.set_mode(args.mode.upper())
         if args.json:
             print_json(r)
         elif r["switching_to"]:
-            print(f"switching from {r['mode']} to {r['switching_to']}: connections are closed and reconnect; "
-                  "`baton mode` shows when it is done")
+            router_change = "PYTHON_ONLY" in (r["mode"], r["switching_to"])
+            print(f"switching from {r['mode']} to {r['switching_to']}"
+                  + (": connections are closed and reconnect" if router_change else "")
+                  + "; `baton mode` shows when it is done")
         else:
             print(f"already {r['mode']}")
         return 0
@@ -321,9 +323,12 @@ def _cmd_mode(args: argparse.Namespace) -> int:
         print_json(m)
         return 0
     print(f"mode {m['mode']} (router {m['router']}) since {_clock(m['since'])}: {m['reason']}")
+    if m.get("degraded"):
+        print(f"degraded: WIP limits at {m['wip_factor']:.0%}; the native router is retried automatically")
     if m["switches"]:
         print("switches: " + ", ".join(f"{r} {n}" for r, n in sorted(m["switches"].items())))
-    print_table([(_clock(h["at"]), h["mode"], h["reason"]) for h in m["history"]], ["at", "mode", "reason"])
+    print_table([(_clock(h["at"]), h["mode"], h["reason"], "" if h.get("pause_ms") is None else f"{h['pause_ms']} ms")
+                 for h in m["history"]], ["at", "mode", "reason", "pause"])
     return 0
 
 
@@ -501,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mode", parents=[cp], help="the execution mode, why, and its history; `mode set MODE`")
     p.add_argument("action", nargs="?", choices=["show", "set"], default="show")
-    p.add_argument("mode", nargs="?", help="with set: INTELLIGENT or PYTHON_ONLY")
+    p.add_argument("mode", nargs="?", help="with set: INTELLIGENT, PYTHON_ONLY, REDUNDANT or SPEED_CRITICAL")
     p.set_defaults(func=_cmd_mode)
 
     p = sub.add_parser("stats", parents=[cp], help="daemon and router counters")

@@ -51,6 +51,7 @@ from baton.models import TERMINAL, Status
 from baton.protocol import ErrorCode, MsgType
 from baton.router import RouterGone, RouterLink
 from baton.scheduler import Scheduler
+from baton.shadow import RoutingShadow
 from baton.scheduler_errors import (
     DependencyCycle,
     InvalidTransition,
@@ -62,12 +63,14 @@ from baton.scheduler_errors import (
 )
 from baton.taskstate import TaskRecord
 
-__all__ = ["Coordinator", "SERVER_NAME", "ROUTER_HOLDER"]
+__all__ = ["Coordinator", "SERVER_NAME", "ROUTER_HOLDER", "SYSTEM_TOPIC"]
 
 log = logging.getLogger("baton.coordinator")
 router_log = logging.getLogger("baton.router")
 
 SERVER_NAME: Final = "baton 0.1.0"
+# The topic the daemon announces mode switches on (docs/modes.md, "What agents see").
+SYSTEM_TOPIC: Final = "baton.system"
 ROUTER_HOLDER: Final = "router"  # the lease holder of every task the coordinator pushes
 # The router reserves room for an agent's whole credit when it is set (so a dispatch never allocates); a wip
 # above this is more than any per-type WIP limit would hand out, and is granted as this much credit.
@@ -104,6 +107,7 @@ _T_CTL_AGENT: Final = int(MsgType.CTL_AGENT)
 _T_CTL_REVOKE: Final = int(MsgType.CTL_REVOKE)
 _T_CTL_PAUSE: Final = int(MsgType.CTL_PAUSE)
 _T_CTL_STATS: Final = int(MsgType.CTL_STATS)
+_T_PUBLISH: Final = int(MsgType.PUBLISH)
 
 _TERMINAL_VALUES: Final = frozenset(s.value for s in TERMINAL)
 _STATUS_VALUES: Final = frozenset(s.value for s in Status)
@@ -226,6 +230,9 @@ class Coordinator:
         self.scheduler = scheduler
         self.link = link
         self.config = config
+        self.mode = "INTELLIGENT"  # the daemon's execution mode (set_mode); WELCOME tells it to every client
+        self.wip_factor = 1.0  # < 1 while degraded: the WIP limits are lowered (docs/modes.md)
+        self.shadow: RoutingShadow | None = None  # REDUNDANT: the Python routing decision, compared (shadow.py)
         self._apply_wip_limit(config)
         self.prefetch_per_agent = prefetch_per_agent
         self.push_before_commit = push_before_commit
@@ -318,9 +325,45 @@ class Coordinator:
         """``wip_per_agent_type`` is the scheduler's WIP limit (docs/scheduler.md): tasks of one agent_type in
         progress at once, over all its agents; tasks pushed to the router count, since they are claimed.  Each
         agent's credit is the wip it declared: the limit decides how many tasks exist to hand out, the credit
-        how they are spread."""
+        how they are spread.  While degraded the limit is lowered by ``wip_factor`` (at least one task)."""
         sch = self.scheduler
-        sch.config = dataclasses.replace(sch.config, wip_per_agent_type=config.wip_per_agent_type)
+        limit = max(1, int(config.wip_per_agent_type * self.wip_factor))
+        sch.config = dataclasses.replace(sch.config, wip_per_agent_type=limit)
+
+    def set_wip_factor(self, factor: float) -> None:
+        """Lower (or restore) parallelism: tasks already running keep running, claims follow the new limit."""
+        if factor != self.wip_factor:
+            self.wip_factor = factor
+            self._apply_wip_limit(self.config)
+            self._pump_now()
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        if mode != "REDUNDANT":
+            self.shadow = None
+        elif self.shadow is None:
+            self._start_shadow()
+
+    def _start_shadow(self) -> None:
+        """The shadow of the router's present state: the agents and credits granted, the tasks they hold, the
+        tasks queued (in an order the shadow cannot know, so never counted as skipped)."""
+        shadow = self.shadow = RoutingShadow()
+        for peer in self._peers.values():
+            if peer.agent_type is not None and peer.credit:
+                shadow.agent(peer.endpoint, self._queue_id(peer.agent_type), peer.credit)
+        for d in self._dispatches.values():
+            if d.endpoint:
+                shadow.holding(d.endpoint, d.id)
+            else:
+                shadow.pushed(self._queue_id(d.agent_type), d.id, 0, ordered=False)
+
+    def publish_system(self, event: dict[str, Any]) -> None:
+        """Tell every subscriber of SYSTEM_TOPIC (a mode switch, a recovery step); best effort."""
+        frame = _frame(_T_PUBLISH, _HIGH, 0, protocol.topic_id(SYSTEM_TOPIC), 0, _pack(event))
+        try:
+            self._send_now([frame])
+        except RouterGone:
+            self._out.clear()
 
     def adopt_link(self, link: RouterLink) -> None:
         """Carry on through another router after the old one died (the daemon's switch to PYTHON_ONLY,
@@ -334,6 +377,8 @@ class Coordinator:
         - agents, credits, waits and statistics requests of the old connections are forgotten (clients see a
           lost connection and call again)."""
         self.link = link
+        if self.shadow is not None:
+            self.shadow = RoutingShadow()  # the new router starts empty too
         self._peers.clear()
         self._credit.clear()
         self._agents_n.clear()
@@ -521,7 +566,7 @@ class Coordinator:
         lease = self._lease_s
         self._reply(_T_WELCOME, src, corr, prio, {
             "endpoint": src, "server": SERVER_NAME, "max_payload": self.config.max_frame_bytes,
-            "lease_s": lease, "heartbeat_s": lease / 3,
+            "lease_s": lease, "heartbeat_s": lease / 3, "mode": self.mode,
         })
         if agent_type is not None:
             self._agents_n[agent_type] += 1
@@ -534,6 +579,8 @@ class Coordinator:
         self._credit[t] += credit - peer.credit
         peer.credit = credit
         q = self._queue_id(t) if credit else 0
+        if self.shadow is not None:
+            self.shadow.agent(peer.endpoint, q, credit)
         self._out.append(_frame(_T_CTL_AGENT, _HIGH, 0, 0, 0, protocol.CTL_AGENT.pack(peer.endpoint, q, credit)))
 
     def _queue_id(self, agent_type: str) -> int:
@@ -548,6 +595,8 @@ class Coordinator:
         except (ValueError, TypeError):
             dids = []
         peer = self._peers.pop(src, None)
+        if self.shadow is not None:
+            self.shadow.closed(src)
         held = set(dids if isinstance(dids, list) else [])
         if peer is not None:
             held |= peer.held
@@ -563,6 +612,8 @@ class Coordinator:
                 lost += 1
         for w in [w for w in self._waiters if w.endpoint == src]:
             self._drop_waiter(w)
+        if lost and peer is not None and peer.agent_type is not None:
+            self.counters["agent_comm_failures"] += 1  # an agent cut off mid-work: a health trigger counts these
         log.info("endpoint %d disconnected; %d running task(s) go back to ready", src, lost,
                  extra={"endpoint": src, "agent_type": peer.agent_type if peer else None})
 
@@ -584,7 +635,10 @@ class Coordinator:
         mono = time.monotonic()
         # Histogram.observe spelled out for the queue wait: this loop runs once per task dispatched.
         wait_counts, waited = self.queue_wait.counts, 0.0
+        shadow = self.shadow
         for i in range(0, len(flat) - 1, 2):
+            if shadow is not None and self._diverged(shadow, flat[i], flat[i + 1]):
+                continue
             d = dispatches.get(flat[i + 1])
             if d is None:
                 continue
@@ -606,9 +660,27 @@ class Coordinator:
         self.queue_wait.sum += waited
         self.counters["dispatched"] += len(flat) // 2
 
+    def _diverged(self, shadow: RoutingShadow, ep: int, did: int) -> bool:
+        """REDUNDANT: check a native dispatch against the Python decision.  On a divergence the Python decision
+        wins: the dispatch is fenced off (the task goes back to ready under a new token, without an attempt
+        counted; the agent's RESULT for it will be refused as stale) and the task is pushed again, in order."""
+        problem = shadow.dispatched(ep, did)
+        if problem is None:
+            return False
+        self.counters["redundant_divergences"] += 1
+        log.warning("REDUNDANT: the native router diverged from the Python decision: %s; the Python decision "
+                    "wins (task fenced and pushed again)", problem, extra={"divergence": problem})
+        d = self._dispatches.get(did)
+        if d is not None:
+            self._resolve(d)
+            self._unsent.append((d.task_id, d.token))
+        return True
+
     def _on_result(self, src: int, corr: int, prio: int, flags: int, payload: bytes) -> None:
         if flags & _F_REPLY:
             return
+        if self.shadow is not None:
+            self.shadow.result(src, corr)
         peer = self._peers.get(src)
         if peer is None or not peer.hello:
             self._error(_T_RESULT, src, corr, prio, ErrorCode.FORBIDDEN, "RESULT before HELLO was answered")
@@ -825,6 +897,7 @@ class Coordinator:
         packb = ormsgpack.packb
         did = self._next_did
         ts = time.monotonic_ns()
+        shadow = self.shadow
         for rec in claims:
             tid, t, token = rec.id, rec.agent_type, rec.token
             blob = rec.input
@@ -842,9 +915,11 @@ class Coordinator:
             # head is a fixmap of 6 entries (0x86): make it 8 and append the two spliced ones.
             payload = b"".join((b"\x88", head[1:], b"\xa5input", inp, b"\xa8metadata", meta))
             did += 1
-            out.append(_HDR.pack(_MAGIC, _VERSION, _T_TASK, _HIGH if rec.base_priority >= _HIGH_FROM else _NORMAL,
-                                 0, len(payload), 0, _EP,
-                                 self._queue_id(t), did, ts) + payload)
+            prio = _HIGH if rec.base_priority >= _HIGH_FROM else _NORMAL
+            qid = self._queue_id(t)
+            out.append(_HDR.pack(_MAGIC, _VERSION, _T_TASK, prio, 0, len(payload), 0, _EP, qid, did, ts) + payload)
+            if shadow is not None:
+                shadow.pushed(qid, did, prio)
             dispatches[did] = _Dispatch(did, tid, token, t, rec.expires or 0.0,  # a claim always sets expires
                                         rec.ready_at or rec.updated, self._turn_t0 if tid in released else 0.0)
             outstanding[t] += 1
@@ -885,6 +960,8 @@ class Coordinator:
                 continue
             self._resolve(d)
             if d.endpoint == 0:
+                if self.shadow is not None:
+                    self.shadow.revoked(d.id)
                 self._out.append(_frame(_T_CTL_REVOKE, _HIGH, 0, 0, self._ctl_corr(),
                                         protocol.CTL_REVOKE.pack(self._queue_id(d.agent_type), d.id)))
 

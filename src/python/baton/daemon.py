@@ -9,7 +9,7 @@ this loop) -> the coordinator -> READY=1 to ``$NOTIFY_SOCKET`` -> one GC collect
 Signals: SIGTERM/SIGINT drain (STOPPING=1; no new work; running tasks get up to drain_timeout_s; the rest go
 back to ready without an attempt counted; the router shuts down; exit 0).  SIGHUP reloads the configuration
 (log_level, wip_per_agent_type, lease_s and drain_timeout_s change live; other changes are logged as needing
-a restart).  A router that dies ends the daemon with exit status 1 (issue 5 brings failover).
+a restart).  Execution modes, degradation to the Python router and recovery: baton/modes.py (docs/modes.md).
 
 Exit statuses: 0 clean stop, 1 could not run (already running, unsafe socket directory, bind failure, router
 death), 2 bad configuration or usage.
@@ -46,8 +46,6 @@ EXIT_FAILURE: Final = 1  # could not run, or stopped abnormally (already running
 EXIT_USAGE: Final = 2  # bad configuration or command line
 
 # Settings a SIGHUP applies at once; any other change is reported as needing a restart.
-# The execution mode each router kind serves (DESIGN.md section 3); REDUNDANT and SPEED_CRITICAL are not built.
-_MODE_OF_ROUTER: Final = {"native": "INTELLIGENT", "python": "PYTHON_ONLY"}
 LIVE_SETTINGS: Final = ("log_level", "wip_per_agent_type", "lease_s", "drain_timeout_s")
 _LISTEN_BACKLOG: Final = 512
 
@@ -203,30 +201,30 @@ class _Daemon:
         self.stop_requested: asyncio.Event | None = None
         self.signals = 0
         self.coordinator: Any = None
-        self.router_kind = config.router
-        # Execution modes (DESIGN.md section 3), for the metrics and `baton mode`: switches by reason (router
-        # failure, `baton mode set`); REDUNDANT divergences stay at zero until that mode exists.
-        self.mode_switches: dict[str, int] = {}
-        self.redundant_divergences = 0
-        self.mode_reason = ""  # why the current mode (see _record_mode)
-        self.mode_history: list[dict[str, Any]] = []
-        self._switch_requests: asyncio.Queue[str] | None = None  # router kinds `baton mode set` asked for
+        self.options: Any = None  # RouterOptions, once the socket is bound
+        self._native_starts = 0  # native routers started with injected faults
+        from baton.modes import ModeController
+        from baton.selftest import quick
 
+        self.modes = ModeController(config, self._open_router, quick_selftest=quick)
+
+    # What the metrics read (metrics.BatonCollector).
     @property
     def mode(self) -> str:
-        return _MODE_OF_ROUTER[self.router_kind]
+        return self.modes.mode
 
-    def _record_mode(self, reason: str) -> None:
-        """The mode just taken and why: `baton mode` shows it with the history (the last 100 entries)."""
-        self.mode_reason = reason
-        self.mode_history.append({"at": time.time(), "mode": self.mode, "reason": reason})
-        del self.mode_history[:-100]
+    @property
+    def router_kind(self) -> str:
+        return self.modes.router_kind
 
-    def mode_report(self) -> dict[str, Any]:
-        """What `baton mode` shows (the coordinator's "mode" CALL)."""
-        return {"mode": self.mode, "reason": self.mode_reason, "router": self.router_kind,
-                "since": self.mode_history[-1]["at"] if self.mode_history else None,
-                "switches": dict(self.mode_switches), "history": list(self.mode_history)}
+    @property
+    def mode_switches(self) -> dict[str, int]:
+        return self.modes.switches
+
+    @property
+    def redundant_divergences(self) -> int:
+        co = self.coordinator
+        return int(co.counters["redundant_divergences"]) if co is not None else 0
 
     def dismiss_router_child(self) -> None:
         """Let an early router child go if nothing took it (Python router, or start-up stopped before)."""
@@ -246,7 +244,6 @@ class _Daemon:
         cfg = self.config
         loop = asyncio.get_running_loop()
         self.stop_requested = asyncio.Event()
-        self._switch_requests = asyncio.Queue()
         # Signals first: a SIGTERM during start-up stops the daemon once it can drain, rather than killing it
         # half-started.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -262,7 +259,6 @@ class _Daemon:
             raise StartupError(f"cannot prepare the socket directory of {cfg.socket_path}: {exc}") from None
         listener: socket.socket | None = None
         scheduler: Scheduler | None = None
-        link: RouterLink | None = None
         metrics = MetricsServer(self, cfg.metrics_host, cfg.metrics_port)
         try:
             try:
@@ -281,59 +277,27 @@ class _Daemon:
             generation = _next_generation(cfg.state_dir)
             runtime_dir.remove_stale_socket(cfg.socket_path, lock)
             listener = _bind(cfg.socket_path)
-            options = RouterOptions(
+            self.options = RouterOptions(
                 listen_fd=listener.fileno(), allowed_uid=os.getuid(), allowed_gid=cfg.allowed_gid,
                 max_payload=cfg.max_frame_bytes, generation=generation,
             )
-            link = await self._start_router(options)
+            modes = self.modes
+            link = await modes.start()
             coordinator = Coordinator(scheduler, link, cfg)
-            coordinator.mode_report = self.mode_report
-            coordinator.mode_request = self.request_mode
+            coordinator.mode_report = modes.report
+            coordinator.mode_request = modes.request
             self.coordinator = coordinator
-            run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
             notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {cfg.socket_path}")
-            log.info("baton daemon ready on %s (router %s, pid %d)", cfg.socket_path, self.router_kind, os.getpid(),
-                     extra={"socket": str(cfg.socket_path), "db": str(cfg.db_path)})
+            log.info("baton daemon ready on %s (%s, router %s, pid %d)", cfg.socket_path, modes.mode,
+                     modes.router_kind, os.getpid(), extra={"socket": str(cfg.socket_path), "db": str(cfg.db_path)})
             # Everything loaded so far (modules, the task records) lives as long as the daemon: one collection
             # (start-up ran without the cyclic GC), then keep the GC from scanning it again in every full one.
             gc.collect()
             gc.freeze()
             gc.enable()
             _trim_malloc()
-            stop_wait = asyncio.create_task(self.stop_requested.wait())
-            switch_wait = asyncio.create_task(self._switch_requests.get())
-            try:
-                while True:
-                    done, _ = await asyncio.wait({run_task, stop_wait, switch_wait},
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if stop_wait in done:
-                        break
-                    if switch_wait in done:  # `baton mode set`
-                        kind = switch_wait.result()
-                        switch_wait = asyncio.create_task(self._switch_requests.get())
-                        if kind == self.router_kind or run_task.done():
-                            continue
-                        run_task.cancel()
-                        with contextlib.suppress(BaseException):
-                            await run_task
-                        link = await self._switch_router(link, coordinator, options, kind, "forced",
-                                                         "baton mode set")
-                        run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
-                        continue
-                    err = run_task.exception()
-                    if isinstance(err, RouterGone) and self.router_kind == "native":
-                        link = await self._switch_router(link, coordinator, options, "python",
-                                                         "router_disconnected", str(err))
-                        run_task = asyncio.create_task(coordinator.run(), name="baton-coordinator")
-                        continue
-                    stop_wait.cancel()
-                    if isinstance(err, RouterGone):
-                        log.error("the router stopped unexpectedly: %s; the daemon exits", err)
-                    else:
-                        log.error("the coordinator stopped unexpectedly", exc_info=err)
-                    return EXIT_FAILURE
-            finally:
-                switch_wait.cancel()
+            if not await modes.serve(coordinator, self.stop_requested):
+                return EXIT_FAILURE
             notify("STOPPING=1")
             log.info("draining: no new work, running tasks get up to %.1f s", self.config.drain_timeout_s)
             try:
@@ -341,16 +305,15 @@ class _Daemon:
             except RouterGone:
                 given_back = 0
             log.info("drained; %d task(s) back to ready", given_back)
-            await link.stop()
-            run_task.cancel()
-            with contextlib.suppress(BaseException):
-                await run_task
+            await coordinator.link.stop()
+            await modes.finish()
             return EXIT_OK
         finally:
             await metrics.close()
-            if link is not None and link.alive:
+            last = self.modes.link
+            if last is not None and last.alive:
                 with contextlib.suppress(Exception):
-                    await link.stop()
+                    await last.stop()
             if scheduler is not None:
                 scheduler.close()
             if listener is not None:
@@ -359,12 +322,7 @@ class _Daemon:
                     os.unlink(cfg.socket_path)
             lock.close()
 
-    async def _start_router(self, options: Any) -> RouterLink:
-        link, fallback = await self._open_router(self.config.router, options)
-        self._record_mode(fallback or f"configured: router {self.config.router}")
-        return link
-
-    async def _open_router(self, kind: str, options: Any) -> tuple[RouterLink, str | None]:
+    async def _open_router(self, kind: str) -> tuple[RouterLink, str | None]:
         """A started router of that kind; for native, the Python router instead when the native one cannot
         start (PYTHON_ONLY, DESIGN.md section 3), with the reason as the second value."""
         link: RouterLink
@@ -374,10 +332,10 @@ class _Daemon:
             try:
                 from baton.router.native import NativeRouterLink  # type: ignore[import-not-found,unused-ignore]
 
-                link = NativeRouterLink(options, spin_ns=self.config.router_spin_us * 1000,
-                                        recv_spin_ns=self.config.coordinator_spin_us * 1000, child=child)
+                link = NativeRouterLink(self.options, spin_ns=self.config.router_spin_us * 1000,
+                                        recv_spin_ns=self.config.coordinator_spin_us * 1000, child=child,
+                                        faults=self._next_faults())
                 await link.start()
-                self.router_kind = "native"
                 return link, None
             except Exception as exc:
                 log.warning("the native router is unavailable (%s); serving with the Python router", exc)
@@ -386,42 +344,20 @@ class _Daemon:
             child.dismiss()
         from baton.router.python import PythonRouterLink
 
-        link = PythonRouterLink(options)
+        link = PythonRouterLink(self.options)
         await link.start()
-        self.router_kind = "python"
         return link, fallback
 
-    async def _switch_router(self, old: RouterLink, coordinator: Any, options: Any, kind: str, reason: str,
-                             why: str) -> RouterLink:
-        """Serve the same listening socket with another router: the old one is stopped (flushing what it
-        holds, closing its connections; agents reconnect), the new one started, and the coordinator rebuilds
-        what lived only in the old one (Coordinator.adopt_link)."""
-        log.log(logging.ERROR if reason == "router_disconnected" else logging.WARNING,
-                "switching to %s, the %s router serving the same socket (%s: %s); agents reconnect",
-                _MODE_OF_ROUTER[kind], kind, reason, why, extra={"reason": reason})
-        with contextlib.suppress(Exception):
-            await old.stop()
-        link, fallback = await self._open_router(kind, options)
-        self.mode_switches[reason] = self.mode_switches.get(reason, 0) + 1
-        self._record_mode(f"{reason}: {why}" + (f"; {fallback}" if fallback else ""))
-        log.warning("now in %s", self.mode, extra={"mode": self.mode})
-        coordinator.adopt_link(link)
-        return link
+    def _next_faults(self) -> Any:
+        """The injected faults for the next native router (the first fault_native_starts ones get them)."""
+        from baton.router.faults import Faults
 
-    def request_mode(self, mode: str) -> dict[str, Any]:
-        """`baton mode set` (the coordinator's "mode_set" CALL): switch after the reply has gone out."""
-        from baton.metrics import MODES
-
-        routers = {m: kind for kind, m in _MODE_OF_ROUTER.items()}
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-        if mode not in routers:
-            raise ValueError(f"{mode} is not available in this version: choose {' or '.join(routers)}")
-        if mode == self.mode:
-            return {"mode": mode, "switching_to": None}
-        assert self._switch_requests is not None
-        self._switch_requests.put_nowait(routers[mode])
-        return {"mode": self.mode, "switching_to": mode}
+        faults = Faults.from_config(self.config)
+        if faults is None or self._native_starts >= self.config.fault_native_starts:
+            return None
+        self._native_starts += 1
+        log.warning("fault injection on: %s", faults, extra={"faults": str(faults)})
+        return faults
 
     def _on_stop_signal(self, sig: int) -> None:
         assert self.stop_requested is not None

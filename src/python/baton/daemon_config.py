@@ -49,6 +49,7 @@ SOCKET_PATH_MAX: Final = 107
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 RouterKind = Literal["native", "python"]
+ModeName = Literal["INTELLIGENT", "PYTHON_ONLY", "REDUNDANT", "SPEED_CRITICAL"]
 
 
 def _to_path(value: Any) -> Path:
@@ -69,6 +70,10 @@ AbsPath = Annotated[Path, BeforeValidator(_to_path)]
 
 def _lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
 
 
 class DaemonConfig(BaseModel):
@@ -101,6 +106,32 @@ class DaemonConfig(BaseModel):
     # native router polls its rings this long before it sleeps.  0 = never spin.
     coordinator_spin_us: int = Field(default=0, ge=0, le=1_000_000)
     router_spin_us: int = Field(default=50, ge=0, le=1_000_000)
+
+    # Execution mode (docs/modes.md).  router = "python" forces PYTHON_ONLY whatever this says.
+    mode: Annotated[ModeName, BeforeValidator(_upper)] = "INTELLIGENT"
+    # Health of the native layer (docs/modes.md, "Degradation"): a probe (a statistics round trip through
+    # the native router) every probe_interval_s; each trigger switches to PYTHON_ONLY.  0 disables a trigger.
+    probe_interval_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    degrade_probe_ms: float = Field(default=500.0, ge=0, allow_inf_nan=False)  # a probe slower than this
+    degrade_error_rate: float = Field(default=0.03, ge=0, le=1, allow_inf_nan=False)  # failed native operations
+    degrade_agent_failures: int = Field(default=5, ge=0)  # agent connections lost holding work, in the window
+    degrade_window_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)  # for the two counts above
+    # While degraded, each agent type's WIP limit is multiplied by this (at least 1 task); recovery raises it
+    # back in steps.
+    degraded_wip_factor: float = Field(default=0.5, gt=0, le=1, allow_inf_nan=False)
+    # Recovery: every recovery_interval_s the daemon tries the native layer again (0 = stay degraded until
+    # `baton mode set`); each step of the way back waits recovery_step_s with healthy probes.
+    recovery_interval_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
+    recovery_step_s: float = Field(default=2.0, ge=0, allow_inf_nan=False)
+    # Fault injection, for tests and benchmarks only (docs/modes.md, "Fault injection"); all off by default.
+    # They apply to the first fault_native_starts native routers the daemon starts.
+    fault_slow_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # delay every batch from the router
+    fault_fail_rate: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)  # sends that fail (retried)
+    fault_kill_router_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # SIGKILL it this long after start
+    fault_misroute_rate: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)  # swap two TASK frames
+    fault_after_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # the others start this late
+    fault_native_starts: int = Field(default=1, ge=0)
+    fault_seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="before")
     @classmethod

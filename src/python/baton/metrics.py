@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, NamedTuple
 
-__all__ = ["METRICS", "BUCKETS_S", "PATTERNS", "PRIORITIES", "MODES", "Histogram", "BatonCollector"]
+__all__ = ["METRICS", "BUCKETS_S", "PATTERNS", "PRIORITIES", "Histogram", "BatonCollector"]
 
 
 class Metric(NamedTuple):
@@ -60,7 +60,6 @@ BUCKETS_S: Final[tuple[float, ...]] = (
 # The router's routing patterns and the frame priorities, as label values (docs/metrics.md).
 PATTERNS: Final = ("direct", "request", "reply", "publish", "multicast", "broadcast", "task", "result", "control")
 PRIORITIES: Final = ("critical", "high", "normal", "low", "batch")
-MODES: Final = ("INTELLIGENT", "PYTHON_ONLY", "REDUNDANT", "SPEED_CRITICAL")
 
 
 class Histogram:
@@ -113,6 +112,8 @@ class BatonCollector:
         kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}
         fams: dict[str, Any] = {m.name: kinds[m.kind](m.name, m.help, labels=m.labels) for m in METRICS}
         mode = daemon.mode
+        from baton.modes import MODES
+
         for name in MODES:
             fams["baton_mode"].add_metric([name], 1.0 if name == mode else 0.0)
         for reason, n in daemon.mode_switches.items():

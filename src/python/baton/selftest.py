@@ -12,7 +12,7 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from baton import native, wire
 from baton.errors import BatonError
@@ -146,3 +146,20 @@ def run(progress: Callable[[str], None] | None = None) -> dict[str, Any]:
             except Exception as exc:  # a failed check is a result, not a crash
                 results.append({"name": name, "ok": False, "detail": f"{type(exc).__name__}: {exc}"})
     return {"ok": all(r["ok"] for r in results), "checks": results}
+
+
+QUICK_CHECKS: Final = ("native library", "frame codec C == Python", "socket I/O engine")
+
+
+def quick() -> str | None:
+    """The checks cheap enough for the daemon (at start and before a recovery, docs/modes.md): None when the
+    native layer passes, else what failed.  The ring round trip is left out: it forks."""
+    if not native.AVAILABLE:
+        return f"native library: {native.LOAD_ERROR}"
+    for name, fn in CHECKS:
+        if name in QUICK_CHECKS:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a failed check is an answer
+                return f"{name}: {type(exc).__name__}: {exc}"
+    return None

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from baton import native, protocol, wire
 from baton.errors import FrameTooLarge, PeerClosed, RingFull
 from baton.router import RouterGone, RouterOptions, native_child
+from baton.router.faults import FaultDice, Faults
 
 log = logging.getLogger("baton.router.native")
 
@@ -73,6 +74,7 @@ class NativeRouterLink:
         out_limit: int = 0,
         python: str | None = None,
         child: native_child.Spawned | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.options = options
         self.spin_ns = spin_ns
@@ -97,6 +99,10 @@ class NativeRouterLink:
         self._retry: asyncio.TimerHandle | None = None
         self._dead = False
         self._closed = False
+        # Operations on the native layer and how many failed: the daemon's health monitor reads the error rate.
+        self.ops = 0
+        self.errors = 0
+        self.dice = FaultDice(faults) if faults is not None else None  # injected faults (router/faults.py)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -151,11 +157,18 @@ class NativeRouterLink:
             raise
         # The router's first frame (its "started" log line) says it attached the rings and accepts.
         try:
-            self._early = await asyncio.wait_for(self.recv(), START_TIMEOUT_S)
+            self._early = await asyncio.wait_for(self._recv(), START_TIMEOUT_S)
         except (RouterGone, asyncio.TimeoutError) as exc:
             await self.stop()
             raise RouterGone(f"the native router did not start: {exc!r}") from exc
         log.info("native router started (pid %d)", self._proc.pid)
+        if self.dice is not None and self.dice.faults.kill_after_s:
+            loop.call_later(self.dice.faults.kill_after_s, self._inject_kill)
+
+    def _inject_kill(self) -> None:
+        if self._proc is not None and not self._dead:
+            log.warning("fault injection: killing the native router (pid %d)", self._proc.pid)
+            self._proc.kill()
 
     async def stop(self) -> None:
         if self._child is not None:  # never started: let the early child go
@@ -246,6 +259,15 @@ class NativeRouterLink:
     def send(self, frames: Sequence[bytes]) -> None:
         if self._dead:
             raise RouterGone("the native router is not running")
+        self.ops += 1
+        dice = self.dice
+        if dice is not None:
+            frames = dice.misroute(frames)
+            if dice.fail_send():  # an injected failure: the frames wait, in order, for the retry
+                self.errors += 1
+                self._backlog.extend(frames)
+                self._schedule_retry()
+                return
         if self._backlog:
             self._backlog.extend(frames)
             return
@@ -262,6 +284,7 @@ class NativeRouterLink:
             except RingFull:
                 n = 0
             except FrameTooLarge:
+                self.errors += 1
                 log.error("dropped a %d-byte frame for the router: larger than a ring record", len(todo[0]))
                 todo.pop(0)
                 continue
@@ -288,6 +311,13 @@ class NativeRouterLink:
         self._send_now(pending)
 
     async def recv(self) -> list[bytes]:
+        if self.dice is not None and self.dice.faults.slow_ms:
+            frames = await self._recv()
+            await asyncio.sleep(self.dice.slow_s)  # an injected slow native layer
+            return frames
+        return await self._recv()
+
+    async def _recv(self) -> list[bytes]:
         if self._early:
             out, self._early = self._early, []
             return out
