@@ -4,7 +4,7 @@ For every task it appends ``start <id> <ns>`` and, after the handler, ``end <id>
 shared by every process on the machine) to FILE, so a test can check that no task started before all of its
 prerequisites had ended.  A task whose input is ``{"block": PATH}`` waits until PATH exists (up to 60 s):
 the test can then SIGKILL the agent while it holds the task; ``{"sleep": SECONDS}`` keeps the agent busy that
-long (work in flight across a mode switch).
+long (work in flight across a mode switch); ``{"fail": true}`` makes it fail.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def main() -> int:
         pause = task.input.get("sleep") if isinstance(task.input, dict) else None
         if pause:
             time.sleep(float(pause))
+        if isinstance(task.input, dict) and task.input.get("fail"):
+            log("end", task.id)
+            raise RuntimeError("asked to fail")
         if block:
             deadline = time.monotonic() + 60
             while not os.path.exists(block) and time.monotonic() < deadline:

@@ -313,3 +313,48 @@ def test_redundant_agrees_with_native_and_wins_when_it_diverges(short_tmp: Path)
                 assert n > 0 and "the Python decision wins" in d.log
             m = mode_report(d)
             assert m is not None and m["mode"] == "REDUNDANT", m
+
+
+def test_speed_critical_router_releases_chains_and_the_coordinator_records_them(short_tmp: Path) -> None:
+    """SPEED_CRITICAL: the router hands each link of a chain to an agent as soon as the previous one reports
+    success; every task runs once, never before its prerequisite ended, and is recorded completed.  A failed
+    parent releases nothing: its dependent never starts."""
+    with running_daemon(short_tmp, "native", BATON_MODE="SPEED_CRITICAL", BATON_WIP_PER_AGENT_TYPE="4",
+                        BATON_RECOVERY_INTERVAL_S="0") as d:
+        agents = Agents(d, short_tmp / "agents.log")
+        try:
+            agents.start("w", wip=2)
+            agents.start("w", wip=2)
+            tasks: list[dict[str, Any]] = []
+            for chain in range(6):
+                for link in range(15):
+                    tasks.append({"id": f"c{chain}-{link}", "summary": "s", "agent_type": "w",
+                                  "prerequisites": [f"c{chain}-{link - 1}"] if link else []})
+            tasks.append({"id": "bad", "summary": "s", "agent_type": "w", "input": {"fail": True},
+                          "max_attempts": 1})
+            tasks.append({"id": "after-bad", "summary": "s", "agent_type": "w", "prerequisites": ["bad"]})
+            with Client(d.socket_path) as c:
+                c.enqueue(tasks)
+                chain_ids = [t["id"] for t in tasks if t["id"].startswith("c")]
+                res = c.wait(chain_ids + ["bad"], timeout=60)
+                assert not res.timed_out, res
+                assert set(res.statuses[t] for t in chain_ids) == {"completed"}, res.statuses
+                assert res.statuses["bad"] == "dead_lettered"
+                assert all(c.get(t).attempts == 1 for t in chain_ids)
+                assert c.get("after-bad").status != "completed"
+                stats = c.stats()["daemon"]
+                assert c.mode()["mode"] == "SPEED_CRITICAL"
+        finally:
+            agents.stop()
+        # the router released most links itself (the first of each chain, and any whose CTL_CONTINUE came after
+        # its parent finished, went the ordinary way)
+        assert stats["continuations_released"] >= 6 * 14 // 2, stats
+        entries = agents.entries()
+        started = {tid: ns for what, tid, ns, _ in entries if what == "start"}
+        ended = {tid: ns for what, tid, ns, _ in entries if what == "end"}
+        assert Counter(tid for what, tid, _, _ in entries if what == "start" and tid.startswith("c")) == \
+            Counter(chain_ids) and "after-bad" not in started
+        for t in tasks:
+            for p in t.get("prerequisites", []):
+                if t["id"] in started:
+                    assert ended[p] <= started[t["id"]], (p, t["id"])

@@ -108,6 +108,8 @@ _T_CTL_REVOKE: Final = int(MsgType.CTL_REVOKE)
 _T_CTL_PAUSE: Final = int(MsgType.CTL_PAUSE)
 _T_CTL_STATS: Final = int(MsgType.CTL_STATS)
 _T_PUBLISH: Final = int(MsgType.PUBLISH)
+_T_CONTINUED: Final = int(MsgType.CONTINUED)
+_T_CTL_CONTINUE: Final = int(MsgType.CTL_CONTINUE)
 
 _TERMINAL_VALUES: Final = frozenset(s.value for s in TERMINAL)
 _STATUS_VALUES: Final = frozenset(s.value for s in Status)
@@ -255,6 +257,10 @@ class Coordinator:
         self._lost: list[tuple[str, int]] = []  # released with the attempt counted (agent lost)
         self._unsent: list[tuple[str, int]] = []  # released without counting (never reached an agent)
         self._out: list[bytes] = []
+        # SPEED_CRITICAL: parent dispatch id -> (child dispatch id, task id, reserved token, agent type), and
+        # the continuations the router released this turn (task id, token, dispatch id), claimed by _flush.
+        self._continuations: dict[int, tuple[int, str, int, str]] = {}
+        self._released_conts: list[tuple[str, int, int]] = []
         self._waiters: list[_Waiter] = []
         self._wait_index: dict[str, list[_Waiter]] = {}
         self._waits_dirty = False
@@ -380,6 +386,7 @@ class Coordinator:
         if self.shadow is not None:
             self.shadow = RoutingShadow()  # the new router starts empty too
         self._peers.clear()
+        self._continuations.clear()  # the new router holds none
         self._credit.clear()
         self._agents_n.clear()
         self._outstanding.clear()
@@ -470,6 +477,11 @@ class Coordinator:
                     self._on_closed(src, payload)
                 elif typ == _T_ROUTER_LOG:
                     self._on_router_log(payload)
+                elif typ == _T_CONTINUED:
+                    # Applied at once: the parents' RESULTs before it complete first (so each released child
+                    # is ready when it is claimed), and a child's own RESULT later in this batch finds it running.
+                    self._on_continued(payload)
+                    self._flush()
                 elif typ == _T_ROUTER_STATS:
                     self._on_router_stats(corr, payload)
                 elif typ == _T_CTL_REVOKE:
@@ -742,11 +754,13 @@ class Coordinator:
         """Apply what the turn collected in one transaction and fill the work queues.  TASK frames go out before
         the commit when their tokens are durable (see the module docstring), replies only after it."""
         done, failed, beats, lost, unsent = self._done, self._failed, self._beats, self._lost, self._unsent
-        if not (done or failed or beats or lost or unsent or force or self._can_pump()):
+        conts = self._released_conts
+        if not (done or failed or beats or lost or unsent or conts or force or self._can_pump()):
             if self._waits_dirty and self._waiters:
                 self._recheck_waits()
             return
         self._done, self._failed, self._beats, self._lost, self._unsent = [], [], [], [], []
+        self._released_conts = []
         beat_replies, self._beat_replies = self._beat_replies, []
         sch = self.scheduler
         acks: list[tuple[int, int, int, bool, str | None]] = []
@@ -780,6 +794,8 @@ class Coordinator:
                             acks.append((src, corr, prio, True, None))
                 for tid, token, error, transient, src, corr, prio in failed:
                     acks.append(self._fail_one(tid, token, error, transient, src, corr, prio))
+                if conts:
+                    self._claim_continuations(conts)
                 if beats:
                     renewed, refused = sch.heartbeat_many(beats, lease_s=self._lease_s)
                 if not self._paused:
@@ -890,41 +906,114 @@ class Coordinator:
     def _push(self, claims: list[TaskRecord], released: frozenset[str] = frozenset()) -> None:
         """TASK frames for claimed tasks.  The stored input blob is already msgpack: it is spliced into the
         payload as is instead of being decoded and encoded again."""
-        lease = self._lease_s
         out = self._out
         dispatches = self._dispatches
         outstanding = self._outstanding
-        packb = ormsgpack.packb
         did = self._next_did
         ts = time.monotonic_ns()
         shadow = self.shadow
+        speed = self.mode == "SPEED_CRITICAL"
         for rec in claims:
             tid, t, token = rec.id, rec.agent_type, rec.token
-            blob = rec.input
-            if blob is None:
-                inp = _NIL
-            elif blob[0] == _RAW_TAG:
-                inp = packb(blob[1:])
-            else:
-                inp = blob[1:]
-            spec = rec.spec
-            meta = _pack(msgpack.unpackb(spec, raw=False, strict_map_key=False).get("metadata", {})) \
-                if _META_KEY in spec else _EMPTY_MAP
-            head = packb({"id": tid, "token": token, "agent_type": t, "attempt": rec.attempts, "lease_s": lease,
-                          "timeout_s": rec.timeout})
-            # head is a fixmap of 6 entries (0x86): make it 8 and append the two spliced ones.
-            payload = b"".join((b"\x88", head[1:], b"\xa5input", inp, b"\xa8metadata", meta))
             did += 1
             prio = _HIGH if rec.base_priority >= _HIGH_FROM else _NORMAL
             qid = self._queue_id(t)
-            out.append(_HDR.pack(_MAGIC, _VERSION, _T_TASK, prio, 0, len(payload), 0, _EP, qid, did, ts) + payload)
+            out.append(self._task_frame(rec, token, rec.attempts, qid, did, prio, ts))
             if shadow is not None:
                 shadow.pushed(qid, did, prio)
             dispatches[did] = _Dispatch(did, tid, token, t, rec.expires or 0.0,  # a claim always sets expires
                                         rec.ready_at or rec.updated, self._turn_t0 if tid in released else 0.0)
             outstanding[t] += 1
+            if speed:
+                self._next_did = did
+                self._continue(rec, did, ts)
+                did = self._next_did
         self._next_did = did
         self.counters["tasks_pushed"] += len(claims)
+
+    def _task_frame(self, rec: TaskRecord, token: int, attempt: int, qid: int, did: int, prio: int, ts: int) -> bytes:
+        """A TASK frame.  The stored input blob is already msgpack: it is spliced into the payload as is instead
+        of being decoded and encoded again."""
+        packb = ormsgpack.packb
+        blob = rec.input
+        if blob is None:
+            inp = _NIL
+        elif blob[0] == _RAW_TAG:
+            inp = packb(blob[1:])
+        else:
+            inp = blob[1:]
+        spec = rec.spec
+        meta = _pack(msgpack.unpackb(spec, raw=False, strict_map_key=False).get("metadata", {})) \
+            if _META_KEY in spec else _EMPTY_MAP
+        head = packb({"id": rec.id, "token": token, "agent_type": rec.agent_type, "attempt": attempt,
+                      "lease_s": self._lease_s, "timeout_s": rec.timeout})
+        # head is a fixmap of 6 entries (0x86): make it 8 and append the two spliced ones.
+        payload = b"".join((b"\x88", head[1:], b"\xa5input", inp, b"\xa8metadata", meta))
+        return _HDR.pack(_MAGIC, _VERSION, _T_TASK, prio, 0, len(payload), 0, _EP, qid, did, ts) + payload
+
+    # --- SPEED_CRITICAL: continuations (docs/modes.md) -----------------------------------------------------
+
+    def _continue(self, parent: TaskRecord, parent_did: int, ts: int) -> None:
+        """Hand the router the parent's continuation, if it has one: the dependent's TASK frame under a token
+        reserved now, which the router pushes into its work queue itself when the parent's agent reports
+        success (CTL_CONTINUE, after the parent's TASK: the router refuses a continuation of a dispatch it does
+        not know).  The coordinator claims it when the router says it did (CONTINUED)."""
+        sch = self.scheduler
+        child = sch.continuation_of(parent.id)
+        if child is None:
+            return
+        token = sch.reserve_fence()
+        if not sch.store.fence_durable(token):
+            return  # this frame may leave before the commit; such a token could be handed out again
+        self._next_did += 1
+        did = self._next_did
+        prio = _HIGH if child.base_priority >= _HIGH_FROM else _NORMAL
+        frame = self._task_frame(child, token, child.attempts + 1, self._queue_id(child.agent_type), did, prio, ts)
+        self._out.append(_frame(_T_CTL_CONTINUE, _HIGH, 0, 0, 0, protocol.ctl_continue_payload(parent_did, frame)))
+        self._continuations[parent_did] = (did, child.id, token, child.agent_type)
+        self.counters["continuations"] += 1
+
+    def _on_continued(self, payload: bytes) -> None:
+        """The router released (1) or discarded (0) parents' continuations.  A released one is a dispatch from
+        now on (DISPATCHED may follow in this very batch); the flush that follows claims it under its token."""
+        flat = _unpack(payload)
+        conts = self._continuations
+        for i in range(0, len(flat) - 1, 2):
+            c = conts.pop(flat[i], None)
+            if c is None or not flat[i + 1]:
+                continue
+            self.counters["continuations_released"] += 1
+            did, tid, token, agent_type = c
+            self._dispatches[did] = _Dispatch(did, tid, token, agent_type, self.scheduler.clock() + self._lease_s,
+                                              self.scheduler.clock(), self._turn_t0)
+            self._outstanding[agent_type] += 1
+            self._released_conts.append((tid, token, did))
+
+    def _claim_continuations(self, items: list[tuple[str, int, int]]) -> None:
+        """Record the continuations the router released (after this turn's results are applied, so that each
+        is ready).  One that cannot be claimed (its parent's success was refused as stale, it was cancelled,
+        its type is at the WIP limit) is taken back: revoked while still queued, else fenced (its agent's
+        RESULT will be refused as stale)."""
+        sch = self.scheduler
+        claimed, refused = sch.claim_reserved([(tid, token) for tid, token, _ in items], ROUTER_HOLDER,
+                                              lease_s=self._lease_s)
+        speed = self.mode == "SPEED_CRITICAL"
+        ts = time.monotonic_ns()
+        by_id = {rec.id: rec for rec in claimed}
+        for tid, _, did in items:
+            d = self._dispatches.get(did)
+            rec = by_id.get(tid)
+            if rec is not None:
+                if d is not None:
+                    d.expires = rec.expires or d.expires
+                if speed:
+                    self._continue(rec, did, ts)  # the next link of the chain
+            elif d is not None:
+                log.info("continuation %s not recorded (%s): taken back", tid, refused.get(tid))
+                self._resolve(d)
+                if d.endpoint == 0:
+                    self._out.append(_frame(_T_CTL_REVOKE, _HIGH, 0, 0, self._ctl_corr(),
+                                            protocol.CTL_REVOKE.pack(self._queue_id(d.agent_type), d.id)))
 
     # --- periodic work -----------------------------------------------------------------------------------
 

@@ -844,6 +844,48 @@ class Scheduler:
             self._delta([_OP_CLAIM, now, holder, fence, items])
         return picked
 
+    def reserve_fence(self) -> int:
+        """A fencing token for a claim made later (``claim_reserved``): SPEED_CRITICAL hands a dependent's TASK
+        to the router before the dependent is ready, so its token must exist first."""
+        with self.transaction() as c:
+            return self.store.next_fence(c)
+
+    def continuation_of(self, task_id: str) -> TaskRecord | None:
+        """SPEED_CRITICAL's continuation of ``task_id``: a dependent that completing it alone makes claimable at
+        once (it waits for that one prerequisite and has no retry backoff pending); the first by id when several
+        qualify (one per task: it takes the WIP slot its prerequisite frees when both are of one type)."""
+        now = self.clock()
+        by_id = self._by_id
+        for dep in sorted(self._children.get(task_id, ())):
+            rec = by_id[dep]
+            if rec.status == _PENDING and rec.unmet == 1 and rec.not_before <= now:
+                return rec
+        return None
+
+    def claim_reserved(
+        self, items: Sequence[tuple[str, int]], holder: str, *, lease_s: float | None = None
+    ) -> tuple[list[TaskRecord], dict[str, str]]:
+        """Claim each task under the token reserved for it (``reserve_fence``), as claim_records would: it must be
+        ready now and within its type's WIP limit.  Returns the records claimed and, for the others, why not."""
+        lease = self.config.lease_s if lease_s is None else lease_s
+        picked: list[TaskRecord] = []
+        refused: dict[str, str] = {}
+        with self.transaction():
+            now = self.clock()
+            for tid, token in items:
+                rec = self._by_id.get(tid)
+                if rec is None or rec.status != _READY:
+                    refused[tid] = f"task {tid} is {rec.status if rec else 'unknown'}, not ready"
+                elif rec.not_before > now:
+                    refused[tid] = f"task {tid} is in retry backoff"
+                elif self._wip_room(rec.agent_type, 1) < 1:
+                    refused[tid] = f"agent type {rec.agent_type} is at its WIP limit"
+                else:
+                    expires = now + (lease if rec.timeout is None or rec.timeout > lease else rec.timeout)
+                    self._delta([_OP_CLAIM, now, holder, token, [[tid, expires]]])
+                    picked.append(rec)
+        return picked, refused
+
     def _wip_room(self, agent_type: str, n: int) -> int:
         limit = self.config.wip_limit_for(agent_type)
         if limit is not None:
