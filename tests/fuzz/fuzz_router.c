@@ -3,7 +3,9 @@
  *
  * Input: one control byte, then the client's byte stream.  The control byte picks the chunk sizes the stream
  * is fed in (1..64 bytes, or all at once) and whether the client is first made an agent holding two tasks
- * (so RESULT, credit and EP_CLOSED paths run).  Every input gets a fresh endpoint (plus a bystander that
+ * (so RESULT, credit and EP_CLOSED paths run), and then whether those tasks get continuations (CTL_CONTINUE:
+ * the fuzzed RESULT payloads go through bt_result_ok and release or discard them; refused and unknown-parent
+ * CTL_CONTINUEs run too).  Every input gets a fresh endpoint (plus a bystander that
  * subscribes, joins and receives), fed through bti_router_feed exactly as if read from its socket; after
  * each chunk the turn ends (flush to the sockets, publish to the coordinator), and the test drains both
  * sockets and the coordinator ring.  Checked for every input:
@@ -108,6 +110,18 @@ static void coord_send(uint8_t type, uint64_t dst, uint64_t corr, const void *p,
         abort();
 }
 
+/* CTL_CONTINUE: child TASK dispatch id child (into QUEUE) for parent, its frame cut by cut bytes. */
+static void cont_send(uint64_t parent, uint64_t child, size_t cut)
+{
+    uint8_t p[8 + BT_FRAME_HEADER_SIZE + 1];
+    bt_frame_hdr h = {.type = BT_MSG_TASK, .priority = BT_PRIO_NORMAL, .source = BT_EP_COORDINATOR,
+                      .destination = QUEUE, .correlation_id = child};
+    memcpy(p, &parent, 8);
+    if (bt_frame_encode(p + 8, sizeof(p) - 8, &h, "\x80", 1) < 0)
+        abort();
+    coord_send(BT_MSG_CTL_CONTINUE, 0, 0, p, sizeof(p) - cut);
+}
+
 static uint8_t acc_a[1 << 16], acc_b[1 << 16];
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -149,6 +163,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         coord_send(BT_MSG_TASK, QUEUE, 2, "\x80", 1);
         coord_send(BT_MSG_TASK, QUEUE, 3, "\x80", 1);
         bti_router_turn(R, 0);
+        if (ctl & 0x40) {
+            cont_send(1, 101, 0);
+            cont_send(1, 102, 0);
+            cont_send(2, 201, 0);
+            cont_send(3, 301, 0);   /* queued */
+            cont_send(2, 202, 5);   /* refused: a cut frame (discards 2's continuations) */
+            cont_send(999, 9901, 0); /* unknown parent */
+            bti_router_turn(R, 0);
+        }
     }
     size_t chunk = (ctl & 0x3f) ? (size_t)(ctl & 0x3f) : size;
     for (size_t off = 0; off < size;) {

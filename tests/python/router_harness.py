@@ -380,10 +380,12 @@ class Harness:
         self.coord.ctl(MsgType.CTL_AGENT, protocol.CTL_AGENT.pack(c.ep, qid, credit))
 
     def push(self, queue_name: str, dispatch_id: int, priority: int = NORMAL, body: object = None) -> None:
-        payload = pack({"id": f"t{dispatch_id}", "token": 1, "agent_type": queue_name, "attempt": 1,
-                        "input": body, "metadata": {}, "lease_s": 30.0, "timeout_s": None})
-        self.coord.send([coord_frame(MsgType.TASK, priority=priority, destination=protocol.queue_id(queue_name),
-                                     corr=dispatch_id, payload=payload)])
+        self.coord.send([task_frame(queue_name, dispatch_id, priority, body)])
+
+    def continue_(self, parent: int, queue_name: str, dispatch_id: int, priority: int = NORMAL) -> None:
+        """CTL_CONTINUE: push TASK dispatch_id into queue_name when the holder of parent reports ok."""
+        payload = protocol.ctl_continue_payload(parent, task_frame(queue_name, dispatch_id, priority))
+        self.coord.ctl(MsgType.CTL_CONTINUE, payload)
 
     def marker(self, c: Client, corr: int) -> None:
         """A DIRECT from the coordinator to c: arrives after every frame the coordinator caused for c before."""
@@ -410,6 +412,14 @@ class Harness:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def task_frame(queue_name: str, dispatch_id: int, priority: int = NORMAL, body: object = None) -> bytes:
+    """A TASK as the coordinator pushes it: destination = the queue id, corr = the dispatch id."""
+    payload = pack({"id": f"t{dispatch_id}", "token": 1, "agent_type": queue_name, "attempt": 1,
+                    "input": body, "metadata": {}, "lease_s": 30.0, "timeout_s": None})
+    return coord_frame(MsgType.TASK, priority=priority, destination=protocol.queue_id(queue_name), corr=dispatch_id,
+                       payload=payload)
 
 
 def dispatched_pairs(frames: Sequence[Frame]) -> list[tuple[int, int]]:

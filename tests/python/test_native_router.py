@@ -260,3 +260,47 @@ def test_a_child_that_died_before_its_orders_fails_the_start(short_tmp: Path) ->
         asyncio.run(asyncio.wait_for(go(), 20))
     finally:
         s.close()
+
+
+# --- the RESULT check of continuations: C (bt_result_ok) and Python (router/python.py) agree ----------------
+
+
+def _result_ok_cases() -> list[bytes]:
+    import random
+
+    import msgpack
+
+    cases = [b"", b"\x81\xa2ok\xc3", b"\x81\xa2ok\xc2", b"\x81\xa2ok\x01", b"\x91\xc3", b"\x81\xa2ok",
+             b"\x82\xa2ok\xc3\xa2ok\xc2", b"\x82\xa2ok\xc2\xa2ok\xc3", b"\x81\xc4\x02ok\xc3", b"\x81\xd9\x02ok\xc3",
+             b"\x81\xa2ok\xc3\xc0", b"\x82\xa2ok\xc3\xa1x\xd4\xff\x00", b"\x82\xa2ok\xc3\xa1x\xa1\xff",
+             b"\x82\xa2ok\xc3\xa1x\xc1", b"\xdf\xff\xff\xff\xff\xa2ok\xc3"]
+    for depth in (1023, 1024, 1025):  # msgpack's own stack limit: 1024 open containers per key or value
+        cases.append(b"\x82\xa1x" + b"\x91" * depth + b"\xc0\xa2ok\xc3")
+        cases.append(b"\x82\xa1x" + b"\x91" * (depth - 1) + b"\x90\xa2ok\xc3")
+        cases.append(b"\x82" + b"\x81\xc0" * depth + b"\xc0\xc0\xa2ok\xc3")
+    rng = random.Random(4)
+    objs: list[object] = [None, True, False, 1, -1, 2**40, 1.5, "ok", "x", b"ok", [], {}, [1, [2]], {"ok": True},
+                          msgpack.ExtType(5, b"ab")]
+    for _ in range(20_000):
+        d = {rng.choice(["ok", "ok", "id", 7, None]): rng.choice(objs) for _ in range(rng.randint(0, 4))}
+        data = bytearray(msgpack.packb(d, use_bin_type=True))
+        for _ in range(rng.randint(0, 3)):  # mutate: overwrite, cut, insert
+            op = rng.random()
+            if op < 0.4 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif op < 0.7 and data:
+                del data[rng.randrange(len(data)) :]
+            else:
+                data.insert(rng.randrange(len(data) + 1), rng.randrange(256))
+        cases.append(bytes(data))
+    return cases
+
+
+def test_the_c_and_python_result_checks_agree() -> None:
+    from baton.router.python import _result_ok
+
+    cases = _result_ok_cases()
+    differ = [c for c in cases if native.result_ok(c) != _result_ok(c)]
+    assert not differ, [(c[:40], native.result_ok(c), _result_ok(c)) for c in differ[:5]]
+    released = sum(native.result_ok(c) for c in cases)
+    assert 0 < released < len(cases)  # both answers are exercised

@@ -37,6 +37,7 @@ from router_harness import (
     pack,
     parse,
     read_as_nobody,
+    task_frame,
     too_large_header,
 )
 
@@ -429,6 +430,8 @@ def test_ctl_close_flushes_then_closes(h: Harness) -> None:
         (MsgType.WELCOME, b"\x80"),
         (MsgType.EP_CLOSED, b"\x90"),
         (MsgType.DISPATCHED, b"\x90"),
+        (MsgType.CONTINUED, b"\x90"),
+        (MsgType.CTL_CONTINUE, protocol.ctl_continue_payload(1, task_frame("x", 2))),
     ],
 )
 def test_tasks_and_controls_from_a_client_are_forbidden(h: Harness, type: int, payload: bytes) -> None:
@@ -734,3 +737,266 @@ def test_ring_setup_rejects_a_bad_capacity(h: Harness) -> None:
     a.send(MsgType.RING_SETUP, corr=15, destination=12345)
     expect_error(a, MsgType.RING_SETUP, 15, "ring_unavailable")
     assert a.fds == []
+
+
+# --- continuations (CTL_CONTINUE / CONTINUED: docs/protocol.md "Continuations") -------------------------------
+
+
+def _continued(f: Frame) -> bool:
+    return f.type == MsgType.CONTINUED
+
+
+def continued_pairs(frames: list[Frame]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for f in frames:
+        if _continued(f):
+            assert f.source == 0 and f.destination == COORD, f
+            flat = f.obj()
+            out += list(zip(flat[0::2], flat[1::2]))
+    return out
+
+
+def wait_continued(h: Harness, parent: int) -> list[Frame]:
+    """Every coordinator frame up to the CONTINUED naming parent, in arrival order."""
+    return h.coord.drain_until(lambda f: _continued(f) and parent in f.obj()[0::2], what=f"CONTINUED for {parent}")
+
+
+def hold(h: Harness, agent: Client, queue_name: str, parent: int) -> None:
+    """Push parent into queue_name and wait until agent holds it (and the coordinator heard DISPATCHED)."""
+    h.push(queue_name, parent)
+    assert agent.recv_until(lambda f: f.type == MsgType.TASK, what=f"task {parent}").corr == parent
+    h.coord.recv_until(lambda f: f.type == MsgType.DISPATCHED and (agent.ep, parent) in dispatched_pairs([f]),
+                       what=f"DISPATCHED {parent}")
+
+
+def send_result(agent: Client, did: int, payload: bytes) -> None:
+    agent.send(MsgType.RESULT, corr=did, destination=COORD, payload=payload)
+
+
+def test_continuations_are_released_on_ok_true_before_the_agent_gets_its_next_task(h: Harness) -> None:
+    a = h.agent("build", 1)
+    b = h.agent("ship", 1)
+    hold(h, a, "build", 1)
+    h.continue_(1, "build", 2)
+    h.continue_(1, "ship", 3)
+    h.result(a, 1, ok=True)
+    # The child on a's own queue went to a, with the credit this RESULT returned; the other went to b.
+    assert a.recv_until(lambda f: f.type == MsgType.TASK, what="child 2").corr == 2
+    task3 = b.recv_until(lambda f: f.type == MsgType.TASK, what="child 3")
+    assert (task3.corr, task3.destination, task3.source) == (3, b.ep, COORD)
+    assert task3.obj()["id"] == "t3"
+    frames = h.coord.drain_until(lambda f: f.type == MsgType.DISPATCHED and (b.ep, 3) in dispatched_pairs([f]),
+                                 what="DISPATCHED of child 3")
+    # In the coordinator's stream: the RESULT, then CONTINUED, then the DISPATCHED handing out the children.
+    i_result = next(i for i, f in enumerate(frames) if f.type == MsgType.RESULT and f.corr == 1)
+    i_cont = next(i for i, f in enumerate(frames) if _continued(f))
+    i_disp = next(i for i, f in enumerate(frames) if f.type == MsgType.DISPATCHED and
+                  (a.ep, 2) in dispatched_pairs([f]))
+    assert i_result < i_cont <= i_disp, frames
+    assert continued_pairs(frames) == [(1, 1)]
+    assert h.tasks_before_marker(a, 100) == []  # a holds exactly its credit (child 2)
+    stats = router_stats(h, 40)
+    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 1, 0)
+
+
+def test_a_released_child_queues_behind_tasks_already_queued(h: Harness) -> None:
+    a = h.agent("build", 1)
+    hold(h, a, "build", 1)
+    h.push("build", 5)  # queued: the child is pushed as if the coordinator pushed it now, so it goes after 5
+    h.continue_(1, "build", 2)
+    h.result(a, 1)
+    assert a.recv_until(lambda f: f.type == MsgType.TASK, what="task 5").corr == 5
+    assert continued_pairs(wait_continued(h, 1)) == [(1, 1)]
+    h.result(a, 5)
+    assert a.recv_until(lambda f: f.type == MsgType.TASK, what="child 2").corr == 2
+
+
+def test_several_continuations_of_one_parent_are_pushed_in_arrival_order(h: Harness) -> None:
+    p = h.agent("parent", 1)
+    c = h.agent("child", 2)
+    hold(h, p, "parent", 1)
+    for did in (11, 12, 13, 14):
+        h.continue_(1, "child", did)
+    assert router_stats(h, 41)["continuations"] == 4
+    h.result(p, 1)
+    assert continued_pairs(wait_continued(h, 1)) == [(1, 1)]
+    got = [c.recv_until(lambda f: f.type == MsgType.TASK, what="child").corr for _ in range(2)]
+    assert got == [11, 12]
+    for did in (11, 12):
+        h.result(c, did)
+    got += [c.recv_until(lambda f: f.type == MsgType.TASK, what="child").corr for _ in range(2)]
+    assert got == [11, 12, 13, 14]
+    assert router_stats(h, 42)["continuations"] == 0
+
+
+# RESULT payloads that do not say {"ok": true}: discarded.  Duplicate "ok" keys: the last one decides.
+NOT_OK = {
+    "ok false": pack({"id": "t1", "token": 1, "ok": False, "error": "boom"}),
+    "ok 1": pack({"id": "t1", "ok": 1}),
+    "ok missing": pack({"id": "t1", "result": True}),
+    "not a map": pack([True]),
+    "truncated": pack({"id": "t1", "ok": True})[:-1],
+    "malformed": b"\x81\xa2ok\xc1",
+    "trailing bytes": pack({"ok": True}) + b"\xc0",
+    "bin key": b"\x81\xc4\x02ok\xc3",
+    "last ok false": b"\x82\xa2ok\xc3\xa2ok\xc2",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("payload", list(NOT_OK.values()), ids=list(NOT_OK))
+def test_continuations_are_discarded_unless_the_result_says_ok_true(h: Harness, payload: bytes) -> None:
+    p = h.agent("parent", 1)
+    c = h.agent("child", 5)
+    hold(h, p, "parent", 1)
+    h.continue_(1, "child", 2)
+    send_result(p, 1, payload)
+    frames = wait_continued(h, 1)
+    assert continued_pairs(frames) == [(1, 0)]
+    assert [f.corr for f in frames if f.type == MsgType.RESULT] == [1]  # forwarded as ever, before CONTINUED
+    assert h.tasks_before_marker(c, 100) == []
+    stats = router_stats(h, 43)
+    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 0, 1)
+
+
+OK = {
+    "ok true": pack({"id": "t1", "token": 1, "ok": True, "result": {"deep": [1, {"x": None}]}}),
+    "last ok true": b"\x82\xa2ok\xc2\xa2ok\xc3",
+    "str8 key": b"\x81\xd9\x02ok\xc3",
+    "odd values skipped": b"\x83\xa1x\xd4\xff\x00\xa1y\xa1\xff\xa2ok\xc3",  # bad timestamp, bad UTF-8
+}
+
+
+@pytest.mark.parametrize("payload", list(OK.values()), ids=list(OK))
+def test_result_payloads_that_release(h: Harness, payload: bytes) -> None:
+    p = h.agent("parent", 1)
+    c = h.agent("child", 5)
+    hold(h, p, "parent", 1)
+    h.continue_(1, "child", 2)
+    send_result(p, 1, payload)
+    assert continued_pairs(wait_continued(h, 1)) == [(1, 1)]
+    assert c.recv_until(lambda f: f.type == MsgType.TASK, what="child").corr == 2
+
+
+def test_a_result_from_another_endpoint_releases_nothing(h: Harness) -> None:
+    p = h.agent("parent", 1)
+    other = h.agent("parent", 1)
+    c = h.agent("child", 5)
+    hold(h, p, "parent", 1)
+    h.continue_(1, "child", 2)
+    h.result(other, 1)  # other does not hold dispatch 1
+    h.coord.recv_until(_result_of(1), what="the forwarded RESULT")
+    assert h.tasks_before_marker(c, 100) == []
+    assert router_stats(h, 44)["continuations"] == 1
+    assert not [f for f in h.coord.pending if _continued(f)]
+    h.result(p, 1)  # the holder
+    assert continued_pairs(wait_continued(h, 1)) == [(1, 1)]
+    assert c.recv_until(lambda f: f.type == MsgType.TASK, what="child").corr == 2
+
+
+def test_a_parent_whose_agent_disconnects_is_discarded(h: Harness) -> None:
+    p = h.agent("parent", 2)
+    hold(h, p, "parent", 1)
+    hold(h, p, "parent", 7)  # held too, without continuations: EP_CLOSED names it, CONTINUED does not
+    h.continue_(1, "child", 2)
+    assert router_stats(h, 45)["continuations"] == 1
+    ep = p.ep
+    p.sock.close()
+    frames = h.coord.drain_until(lambda f: f.type == MsgType.EP_CLOSED and f.source == ep, what="EP_CLOSED")
+    assert continued_pairs(frames) == [(1, 0)]  # and before the EP_CLOSED naming the parent
+    assert sorted(frames[-1].obj()) == [1, 7]
+    c = h.agent("child", 5)
+    assert h.tasks_before_marker(c, 100) == []
+    assert router_stats(h, 46)["continuations"] == 0
+
+
+def test_revoking_a_queued_parent_discards_its_continuations(h: Harness) -> None:
+    h.push("idle", 1)  # nobody serves "idle": it stays queued
+    h.continue_(1, "child", 2)
+    h.continue_(1, "child", 3)
+    h.coord.ctl(MsgType.CTL_REVOKE, protocol.CTL_REVOKE.pack(protocol.queue_id("idle"), 1), corr=60)
+    assert h.coord.recv_until(reply_to(MsgType.CTL_REVOKE, 60), what="revoke reply").obj() == [1, 1]
+    assert continued_pairs(wait_continued(h, 1)) == [(1, 0)]
+    c = h.agent("child", 5)
+    assert h.tasks_before_marker(c, 100) == []
+    stats = router_stats(h, 47)
+    assert (stats["continuations"], stats["continuations_discarded"]) == (0, 1)
+
+
+def test_a_queued_parent_keeps_its_continuations_until_its_result(h: Harness) -> None:
+    h.push("later", 1)
+    h.continue_(1, "child", 2)
+    p = h.agent("later", 1)  # the parent is dispatched now; its continuation stays with it
+    assert p.recv_until(lambda f: f.type == MsgType.TASK, what="parent").corr == 1
+    c = h.agent("child", 1)
+    h.result(p, 1)
+    assert continued_pairs(wait_continued(h, 1)) == [(1, 1)]
+    assert c.recv_until(lambda f: f.type == MsgType.TASK, what="child").corr == 2
+
+
+def test_an_unknown_parent_is_discarded_at_once(h: Harness) -> None:
+    c = h.agent("child", 5)
+    h.continue_(999, "child", 2)
+    assert continued_pairs(wait_continued(h, 999)) == [(999, 0)]
+    assert h.tasks_before_marker(c, 100) == []
+    stats = router_stats(h, 48)
+    assert (stats["continuations"], stats["continuations_discarded"]) == (0, 1)
+
+
+def _warning_about(f: Frame, text: str) -> bool:
+    return f.type == MsgType.ROUTER_LOG and f.obj()[0] == "warning" and text in f.obj()[1]
+
+
+def test_malformed_continue_controls_are_refused_and_traffic_flows(h: Harness) -> None:
+    p = h.agent("parent", 1)
+    c = h.agent("child", 5)
+    a = h.connect()
+    hold(h, p, "parent", 1)
+    h.continue_(1, "child", 2)  # a good one first: a refusal for the same parent discards it too
+    good = task_frame("child", 3)
+    direct = coord_frame(MsgType.DIRECT, destination=a.ep, corr=4, payload=b"not a task")
+    bad = {
+        "truncated": good[:-3],
+        "trailing bytes": good + b"\0",
+        "not a task": direct,
+        "bad magic": b"\0" * len(good),
+        "too large": too_large_header(MsgType.TASK, 3, MAX_PAYLOAD + 1),
+        "crc mismatch": bytearray(frame(MsgType.TASK, flags=wire.F_CRC, corr=3, payload=b"x" * 8)),
+    }
+    bad["crc mismatch"][-1] ^= 1
+    for i, (name, embedded) in enumerate(bad.items()):
+        h.coord.ctl(MsgType.CTL_CONTINUE, protocol.CTL_CONTINUE_PARENT.pack(1) + bytes(embedded))
+        frames = wait_continued(h, 1)
+        assert continued_pairs(frames) == [(1, 0)], name
+        assert any(_warning_about(f, "CTL_CONTINUE") for f in frames + h.coord.pending) or h.coord.recv_until(
+            lambda f: _warning_about(f, "CTL_CONTINUE"), what=f"warning for {name}")
+        assert a.ping(200 + i).payload == b"barrier"
+    h.coord.ctl(MsgType.CTL_CONTINUE, b"\1\2\3")  # not even a parent id: a warning, nothing else
+    h.coord.recv_until(lambda f: _warning_about(f, "CTL_CONTINUE"), what="warning for a short payload")
+    assert h.coord.alive() and a.ping(300).payload == b"barrier"
+    h.result(p, 1)
+    assert h.tasks_before_marker(c, 100) == []  # the good continuation went with the first refusal
+    stats = router_stats(h, 49)
+    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 0, len(bad))
+    assert not [f for f in h.coord.pending if _continued(f)]
+
+
+def test_continue_controls_count_as_control_in_by_pattern(h: Harness) -> None:
+    payload = protocol.ctl_continue_payload(5, task_frame("child", 6))
+    h.coord.ctl(MsgType.CTL_CONTINUE, payload)  # unknown parent: discarded, but taken in all the same
+    wait_continued(h, 5)
+    stats = router_stats(h, 50)
+    size = wire.HEADER_SIZE + len(payload)
+    assert stats["by_pattern"] == {"control": {"normal": [2, size + wire.HEADER_SIZE]}}  # and the CTL_STATS
+    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 0, 1)
+
+
+def test_shutdown_drops_pending_continuations_without_a_report(h: Harness) -> None:
+    p = h.agent("parent", 1)
+    hold(h, p, "parent", 1)
+    h.continue_(1, "child", 2)
+    assert router_stats(h, 51)["continuations"] == 1
+    h.coord.ctl(MsgType.CTL_SHUTDOWN)
+    p.wait_eof()
+    h.coord.wait_gone(10.0)
+    assert not [f for f in h.coord.pending if _continued(f)], h.coord.pending

@@ -33,6 +33,7 @@ from baton.errors import FrameError, FrameTooLarge, Truncated
 from baton.protocol import (
     CTL_AGENT,
     CTL_CLOSE,
+    CTL_CONTINUE_PARENT,
     CTL_PAUSE,
     CTL_REVOKE,
     DEFAULT_RING_CAPACITY,
@@ -76,6 +77,11 @@ _RING_RETRY_S: Final = 0.001  # retry a full r2c ring this soon
 _CLOSE_FLUSH_S: Final = 5.0  # a closing connection gets this long to take what was queued for it
 _SHUTDOWN_FLUSH_S: Final = 2.0
 _REPLY_ERR: Final = F_REPLY | F_ERROR
+# Continuations (CTL_CONTINUE) kept at most over every parent, as RT_CONT_MAX in the C router: beyond it the
+# parent is refused (CONTINUED [parent, 0]).
+CONT_MAX: Final = 1 << 20
+_STR_HEADS: Final = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}  # fixstr, str8/16/32
+_MSGPACK_TRUE: Final = 0xC3
 
 # Types only the coordinator (or the router itself) may send; a client sending one is answered forbidden.
 # The notifications 40..44 are here too: a client forging EP_CLOSED or DISPATCHED would corrupt the
@@ -96,6 +102,8 @@ _PRIVILEGED: Final = frozenset(
         MsgType.CTL_PAUSE,
         MsgType.CTL_STATS,
         MsgType.CTL_SHUTDOWN,
+        MsgType.CONTINUED,
+        MsgType.CTL_CONTINUE,
     }
 )
 _TO_COORDINATOR: Final = frozenset({MsgType.HELLO, MsgType.CALL, MsgType.RESULT, MsgType.HEARTBEAT})
@@ -148,6 +156,37 @@ def _frame(
 def _error(type: int, corr: int, priority: int, destination: int, code: str, message: str) -> bytes:
     """An error reply: same type as the frame it answers, F_REPLY|F_ERROR, same correlation id."""
     return _frame(type, priority, _REPLY_ERR, EP_NONE, destination, corr, _pack({"code": code, "message": message}))
+
+
+def _result_ok(payload: bytes | memoryview) -> bool:
+    """Does a RESULT payload release its continuations?  The twin of the C router's bt_result_ok (result_ok.c):
+
+    exactly one msgpack object, a map; keys and values of any type are skipped (Unpacker.skip builds nothing,
+    so no UTF-8 or timestamp check can refuse a value); the key "ok" is a str (a bin "ok" is not); the last "ok"
+    decides (a dict keeps the last); only msgpack true (0xc3) releases.  Anything msgpack cannot read -- cut,
+    0xc1, trailing bytes, nesting beyond its stack (1024 open containers per key or value) -- does not.
+    max_buffer_size = the payload's size: no count or length limit of the Unpacker bites before the end of the
+    data would, so the limits are the data's, as in C.
+    """
+    data = bytes(payload)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, unicode_errors="surrogateescape",
+                                max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    ok = False
+    try:
+        for _ in range(unpacker.read_map_header()):
+            if data[unpacker.tell()] in _STR_HEADS:
+                is_ok = unpacker.unpack() == "ok"  # surrogateescape: a str key never fails to decode
+            else:
+                is_ok = False
+                unpacker.skip()
+            value_at = unpacker.tell()
+            unpacker.skip()
+            if is_ok:
+                ok = data[value_at] == _MSGPACK_TRUE
+    except (ValueError, IndexError, msgpack.OutOfData):  # FormatError, StackError, BufferFull are ValueErrors
+        return False
+    return ok and unpacker.tell() == len(data)
 
 
 def _restamp(raw: memoryview, hdr: FrameHeader, source: int, destination: int | None = None) -> bytes:
@@ -306,6 +345,11 @@ class PythonRouterLink:
         self._queues: dict[int, _Queue] = {}
         self._paused = False
         self._dispatched: list[int] = []
+        # Continuations (CTL_CONTINUE): parent dispatch id -> its TASK frames (header, whole frame), in arrival
+        # order; _nconts counts them over every parent, so a RESULT with none stored anywhere skips all of it.
+        self._conts: dict[int, list[tuple[FrameHeader, memoryview]]] = {}
+        self._nconts = 0
+        self._continued: list[int] = []  # this turn's CONTINUED pairs [parent, released, ...]
         self._dirty: set[_Conn] = set()
         self._doomed: list[tuple[_Conn, str]] = []  # closed at the end of the turn (not mid-iteration)
         self._flush_scheduled = False
@@ -344,6 +388,8 @@ class PythonRouterLink:
                 "rings",
                 "ring_backlog_events",
                 "coord_ring_full",  # stays 0: the coordinator takes frames in-process, there is no ring to fill
+                "continued",
+                "continuations_discarded",
             ),
             0,
         )
@@ -421,6 +467,7 @@ class PythonRouterLink:
         s["queued_tasks"] = sum(len(q.index) for q in self._queues.values())
         s["held_tasks"] = sum(len(c.held) for c in self._conns.values())
         s["paused"] = int(self._paused)
+        s["continuations"] = self._nconts
         by_pattern: dict[str, dict[str, list[int]]] = {}
         for i, cell in enumerate(self._by_pattern):
             if cell[0]:
@@ -624,9 +671,15 @@ class PythonRouterLink:
         t = hdr.type
         ep = conn.ep
         if t in _TO_COORDINATOR:
-            self._coord(hdr.priority, _restamp(raw, hdr, ep))
-            if t == MsgType.RESULT and not hdr.flags & F_REPLY:
-                self._result(conn, hdr.correlation_id)
+            prio = hdr.priority
+            result = t == MsgType.RESULT and not hdr.flags & F_REPLY
+            if result and self._nconts and hdr.correlation_id in self._conts and hdr.correlation_id in conn.held:
+                # It settles continuations: CONTINUED (and the DISPATCHED of a released child) go out in the
+                # CRITICAL batch at the end of the turn, and the coordinator must see this RESULT before them.
+                prio = _CRITICAL
+            self._coord(prio, _restamp(raw, hdr, ep))
+            if result:
+                self._result(conn, hdr.correlation_id, raw[HEADER_SIZE:])
         elif t == MsgType.DIRECT:
             self._direct(ep, hdr, raw)
         elif t in (MsgType.PUBLISH, MsgType.MULTICAST, MsgType.BROADCAST):
@@ -658,7 +711,7 @@ class PythonRouterLink:
         ep = EP_COORDINATOR
         if t == MsgType.TASK:
             self._push_task(hdr, mv)
-        elif MsgType.CTL_AGENT <= t <= MsgType.CTL_SHUTDOWN:
+        elif MsgType.CTL_AGENT <= t <= MsgType.CTL_CONTINUE:
             self._control(hdr, mv[HEADER_SIZE:])
         elif t in (MsgType.PUBLISH, MsgType.MULTICAST, MsgType.BROADCAST):
             self._fanout(ep, hdr, mv)
@@ -775,12 +828,17 @@ class PythonRouterLink:
         self._stats["dispatched"] += 1
         self._deliver(agent.ep, task.priority, _restamp(task.frame, task.hdr, EP_COORDINATOR, agent.ep))
 
-    def _result(self, conn: _Conn, dispatch_id: int) -> None:
+    def _result(self, conn: _Conn, dispatch_id: int, payload: memoryview) -> None:
         """A RESULT returns its credit and, in the same turn, the agent gets its queue's next task."""
         if dispatch_id not in conn.held:
             return  # not a dispatch of this endpoint (e.g. a result resent after a reconnect): no credit
         del conn.held[dispatch_id]
         self._stats["results"] += 1
+        if self._nconts:  # none stored anywhere (the common case): this test is all it costs
+            conts = self._conts.pop(dispatch_id, None)
+            if conts is not None:
+                # First, so a released child can go to this agent (or another with credit) in this turn.
+                self._settle(dispatch_id, conts, _result_ok(payload))
         q = self._queues.get(conn.queue) if conn.queue else None
         if q is None or self._paused:
             return
@@ -789,6 +847,66 @@ class PythonRouterLink:
             if task is None:
                 break
             self._hand(conn, task)
+
+    # --- continuations (CTL_CONTINUE; docs/protocol.md "Continuations") ----------------------------------
+
+    def _report(self, parent: int, released: bool) -> None:
+        self._continued += (parent, int(released))
+        self._stats["continued" if released else "continuations_discarded"] += 1
+
+    def _settle(self, parent: int, conts: list[tuple[FrameHeader, memoryview]], ok: bool) -> None:
+        """parent's continuations (already out of the store): pushed like coordinator TASKs, or dropped."""
+        self._nconts -= len(conts)
+        self._report(parent, ok)
+        if ok:
+            for hdr, frame in conts:
+                self._push_task(hdr, frame)
+
+    def _discard(self, parent: int) -> None:
+        """parent will never report (revoked, its holder gone): drop its continuations, if any, and say so."""
+        if self._nconts:
+            conts = self._conts.pop(parent, None)
+            if conts is not None:
+                self._settle(parent, conts, False)
+
+    def _refuse(self, parent: int, why: str) -> None:
+        self._log("warning", f"CTL_CONTINUE for dispatch {parent} refused: {why}")
+        conts = self._conts.pop(parent, None)
+        self._settle(parent, conts or [], False)
+
+    def _known(self, dispatch_id: int) -> bool:
+        """Is the dispatch held by an agent or waiting in a queue?"""
+        return any(dispatch_id in c.held for c in self._conns.values()) or any(
+            dispatch_id in q.index for q in self._queues.values()
+        )
+
+    def _continue(self, payload: memoryview) -> None:
+        if len(payload) < CTL_CONTINUE_PARENT.size:
+            self._log("warning", f"CTL_CONTINUE with a {len(payload)}-byte payload (no parent dispatch id); ignored")
+            return
+        (parent,) = CTL_CONTINUE_PARENT.unpack_from(payload)
+        embedded = payload[CTL_CONTINUE_PARENT.size :]
+        try:
+            hdr, _body, size = decode(embedded, self._limit)
+        except FrameError as exc:
+            self._refuse(parent, f"the embedded frame is malformed ({exc})")
+            return
+        if size != len(embedded):
+            self._refuse(parent, "bytes after the embedded frame")
+        elif hdr.type != MsgType.TASK:
+            self._refuse(parent, "the embedded frame is not a TASK")
+        elif self._nconts >= CONT_MAX:
+            self._refuse(parent, "too many continuations stored")
+        else:
+            conts = self._conts.get(parent)
+            if conts is None:
+                if not self._known(parent):  # it can never report: say so at once
+                    self._report(parent, False)
+                    return
+                conts = self._conts[parent] = []
+            # A copy: the coordinator's frame buffer is not ours to keep.
+            conts.append((hdr, memoryview(bytes(embedded))))
+            self._nconts += 1
 
     def _queue(self, qid: int) -> _Queue:
         q = self._queues.get(qid)
@@ -835,6 +953,7 @@ class PythonRouterLink:
                 if task is not None:
                     task.revoked = True
                     self._stats["revoked"] += 1
+                    self._discard(did)  # a revoked parent never reports: its continuations go too
                 self._coord(hdr.priority, _frame(MsgType.CTL_REVOKE, hdr.priority, F_REPLY, EP_NONE, EP_COORDINATOR,
                                                  hdr.correlation_id, _pack([did, int(task is not None)])))
             elif t == MsgType.CTL_PAUSE:
@@ -848,6 +967,8 @@ class PythonRouterLink:
                                                  EP_COORDINATOR, hdr.correlation_id, _pack(self.stats())))
             elif t == MsgType.CTL_SHUTDOWN:
                 self._shutdown()
+            elif t == MsgType.CTL_CONTINUE:
+                self._continue(payload)
             else:
                 self._answer_error(EP_COORDINATOR, hdr, ErrorCode.UNKNOWN_TYPE, f"no control of type {t}")
         except struct.error as exc:
@@ -885,9 +1006,17 @@ class PythonRouterLink:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def _emit_continued(self) -> None:
+        """CONTINUED [parent, released, ...] gathered so far: CRITICAL, like DISPATCHED, and before it."""
+        if self._continued:
+            self._coord(_CRITICAL, _frame(MsgType.CONTINUED, _CRITICAL, 0, EP_NONE, EP_COORDINATOR, 0,
+                                          _pack(self._continued)))
+            self._continued = []
+
     def _flush(self) -> None:
-        """End of a loop turn: one send per connection, DISPATCHED and a wake-up for the coordinator."""
+        """End of a loop turn: one send per connection, CONTINUED, DISPATCHED and a wake-up for the coordinator."""
         self._flush_scheduled = False
+        self._emit_continued()  # before DISPATCHED, which may hand out the children it released
         if self._dispatched:
             self._coord(_CRITICAL, _frame(MsgType.DISPATCHED, _CRITICAL, 0, EP_NONE, EP_COORDINATOR, 0,
                                           _pack(self._dispatched)))
@@ -903,7 +1032,7 @@ class PythonRouterLink:
                 self._stats["slow_closed"] += 1
                 self._log("warning", f"endpoint {conn.ep} closed: {why}")
                 self._close(conn, why)
-        if self._dispatched:  # a close above may not dispatch, but stay safe: never strand a batch
+        if self._dispatched or self._continued:  # a close above may not dispatch, but never strand a batch
             self._schedule_flush()
         if self._stopping:
             self._maybe_finish()
@@ -1073,6 +1202,11 @@ class PythonRouterLink:
         self._leave_queue(conn)
         held = list(conn.held)
         conn.held.clear()
+        if self._nconts:
+            # Its held parents will never report: [parent, 0] for each, ahead of the EP_CLOSED naming them.
+            for did in held:
+                self._discard(did)
+            self._emit_continued()
         self._stats["closed"] += 1
         # BATCH: within a coordinator batch it follows every frame this endpoint sent before closing.
         self._coord(_BATCH, _frame(MsgType.EP_CLOSED, _BATCH, 0, conn.ep, EP_COORDINATOR, 0, _pack(held)))
@@ -1121,6 +1255,8 @@ class PythonRouterLink:
         assert loop is not None
         if self._listen is not None:
             loop.remove_reader(self._listen.fileno())
+        self._conts.clear()  # dropped unreported: the coordinator is stopping
+        self._nconts = 0
         for conn in list(self._conns.values()):
             self._close(conn, "router shutting down", flush=True)
         self._shutdown_timer = loop.call_later(_SHUTDOWN_FLUSH_S, self._finish)
