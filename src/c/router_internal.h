@@ -7,8 +7,9 @@
  *   router_conn.c   a connection's life: input parsing, staging, flushing to the socket, close and drain
  *   router_route.c  what a client frame does: direct/pubsub/groups/broadcast, work queues, credit, dispatch
  *   router_ring.c   RING_SETUP and the clients' ring pairs
- *   router_coord.c  the coordinator link: its ring, notifications (EP_OPEN/EP_CLOSED/DISPATCHED/ROUTER_LOG)
- *                   and controls
+ *   router_coord.c  the coordinator link: its ring, notifications (EP_OPEN/EP_CLOSED/DISPATCHED/CONTINUED/
+ *                   ROUTER_LOG) and controls
+ *   result_ok.c     bt_result_ok: does a RESULT payload say "ok": true (continuations, CTL_CONTINUE)?
  *
  * The small containers below (byte buffers, the u64 -> u32 map, slot arrays, the msgpack writer) are static
  * inline: every module uses them on the per-frame path.
