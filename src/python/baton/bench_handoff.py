@@ -14,6 +14,10 @@ Three measurements, each with its own agent processes (``python -m baton.bench_h
 - ``throughput``: N no-op agents of type ``bench-noop`` (WIP credit each); M tasks are enqueued first, then
   the rate is M / (last result sent - first task received).
 
+With ``--modes INTELLIGENT,REDUNDANT,...`` every measurement runs once per execution mode: the daemon is
+switched (``baton mode set``) before each, the results are labelled with the mode, and the daemon is left in
+the mode it was in (docs/modes.md).
+
 The peers speak the wire protocol directly (docs/protocol.md) instead of going through ``baton.Agent``, so
 the figures are the daemon's, not the client library's.  Latencies are recorded in HDR histograms
 (``hdrhistogram``): p50, p99, p99.9 and max; a table on screen and everything as JSON in ``--out``.
@@ -576,6 +580,38 @@ def measure_throughput(path: str, n: int, agents: int, wip: int, tmp: str, timeo
     return res
 
 
+# --- execution modes -------------------------------------------------------------------------------------
+
+
+def current_mode(path: str) -> str:
+    peer = Peer(path, "bench-mode")
+    try:
+        mode: str = peer.api("mode")["mode"]
+        return mode
+    finally:
+        peer.close()
+
+
+def set_mode(path: str, mode: str, timeout: float) -> None:
+    """Switch the daemon to ``mode`` and wait until it serves in it (a router switch closes connections: poll
+    with new ones)."""
+    peer = Peer(path, "bench-mode")
+    try:
+        peer.api("mode_set", mode=mode)
+    finally:
+        peer.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if current_mode(path) == mode:
+                return
+        except (BenchError, OSError):
+            pass  # the new router is not accepting yet
+        if time.monotonic() > deadline:
+            raise BenchError(f"the daemon did not switch to {mode} within {timeout:.0f} s: see `baton mode`")
+        time.sleep(0.05)
+
+
 # --- command line ---------------------------------------------------------------------------------------
 
 
@@ -615,6 +651,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="give up a task run after this many seconds")
     p.add_argument("--out", default="bench-handoff.json", help="where to save the JSON results")
     p.add_argument("--json", action="store_true", help="print the JSON instead of a table")
+    p.add_argument("--modes", help="comma-separated execution modes to run every measurement in, side by side "
+                                   "(INTELLIGENT, PYTHON_ONLY, REDUNDANT, SPEED_CRITICAL); default: the current one")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -631,16 +669,29 @@ def run(args: argparse.Namespace) -> int:
     results: list[Result] = []
     bp = args.base_priority if args.base_priority is not None else (9 if args.agents_mode == "ring" else 5)
     am = AgentMode(args.agents_mode, args.agent_spin_us, bp)
+    modes = [m.strip().upper() for m in args.modes.split(",")] if args.modes else [None]
     try:
+        original = current_mode(path) if args.modes else None
         with TemporaryDirectory(prefix="baton-bench-") as tmp:
-            for item in what:
-                print(f"bench: {item} ...", file=sys.stderr)
-                if item == "rt":
-                    results += measure_rt(path, args.seconds, args.rate, tmp)
-                elif item == "handoff":
-                    results.append(measure_handoff(path, args.chain, tmp, args.timeout, am))
-                else:
-                    results.append(measure_throughput(path, args.tasks, args.agents, args.wip, tmp, args.timeout, am))
+            for mode in modes:
+                if mode is not None:
+                    print(f"bench: mode {mode} ...", file=sys.stderr)
+                    set_mode(path, mode, args.timeout)
+                for item in what:
+                    print(f"bench: {item} ...", file=sys.stderr)
+                    if item == "rt":
+                        got = measure_rt(path, args.seconds, args.rate, tmp)
+                    elif item == "handoff":
+                        got = [measure_handoff(path, args.chain, tmp, args.timeout, am)]
+                    else:
+                        got = [measure_throughput(path, args.tasks, args.agents, args.wip, tmp, args.timeout, am)]
+                    for r in got:
+                        if mode is not None:
+                            r.name = f"[{mode}] {r.name}"
+                            r.extra["mode"] = mode
+                    results += got
+            if original is not None:
+                set_mode(path, original, args.timeout)
     except BenchError as exc:
         print(f"baton bench: {exc}", file=sys.stderr)
         return 2

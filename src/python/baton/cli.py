@@ -300,6 +300,9 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODE_ROWS = 20  # history rows `baton mode` prints
+
+
 def _cmd_mode(args: argparse.Namespace) -> int:
     if args.action == "set":
         if not args.mode:
@@ -327,8 +330,11 @@ def _cmd_mode(args: argparse.Namespace) -> int:
         print(f"degraded: WIP limits at {m['wip_factor']:.0%}; the native router is retried automatically")
     if m["switches"]:
         print("switches: " + ", ".join(f"{r} {n}" for r, n in sorted(m["switches"].items())))
+    shown = m["history"][-_MODE_ROWS:]
+    if len(shown) < len(m["history"]):
+        print(f"history: the last {len(shown)} of {len(m['history'])} entries (--json has them all)")
     print_table([(_clock(h["at"]), h["mode"], h["reason"], "" if h.get("pause_ms") is None else f"{h['pause_ms']} ms")
-                 for h in m["history"]], ["at", "mode", "reason", "pause"])
+                 for h in shown], ["at", "mode", "reason", "pause"])
     return 0
 
 

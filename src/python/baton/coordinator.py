@@ -302,8 +302,7 @@ class Coordinator:
             for w in self._waiters:
                 if w.timer is not None:
                     w.timer.cancel()
-            for fut in list(self._stats_pending.values()):
-                fut.cancel()
+            self._no_stats()
             for task in list(self._background):
                 task.cancel()
 
@@ -396,8 +395,7 @@ class Coordinator:
         self._dispatches.clear()
         for w in list(self._waiters):
             self._drop_waiter(w)
-        for fut in list(self._stats_pending.values()):
-            fut.cancel()
+        self._no_stats()
         if self._paused:
             self._out.append(_frame(_T_CTL_PAUSE, _HIGH, 0, 0, 0, protocol.CTL_PAUSE.pack(1)))
         self._flush()
@@ -1344,6 +1342,13 @@ class Coordinator:
         finally:
             self._stats_pending.pop(ctl, None)
         return stats if isinstance(stats, dict) else None
+
+    def _no_stats(self) -> None:
+        """The router went away: pending statistics requests get no answer (None), not a cancellation (which
+        would end the task waiting for them: the health monitor, a scrape)."""
+        for fut in list(self._stats_pending.values()):
+            if not fut.done():
+                fut.set_result(None)
 
     def _on_router_stats(self, ctl: int, payload: bytes) -> None:
         fut = self._stats_pending.pop(ctl, None)

@@ -203,6 +203,7 @@ class _Daemon:
         self.coordinator: Any = None
         self.options: Any = None  # RouterOptions, once the socket is bound
         self._native_starts = 0  # native routers started with injected faults
+        self._routers_started = 0
         from baton.modes import ModeController
         from baton.selftest import quick
 
@@ -325,8 +326,14 @@ class _Daemon:
     async def _open_router(self, kind: str) -> tuple[RouterLink, str | None]:
         """A started router of that kind; for native, the Python router instead when the native one cannot
         start (PYTHON_ONLY, DESIGN.md section 3), with the reason as the second value."""
+        import dataclasses
+
         link: RouterLink
         child, self.router_child = self.router_child, None
+        # Every router after the first gets a generation of its own: no endpoint id is handed out twice.
+        if self._routers_started:
+            self.options = dataclasses.replace(self.options, generation=_next_generation(self.config.state_dir))
+        self._routers_started += 1
         fallback = None
         if kind == "native":
             try:

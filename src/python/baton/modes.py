@@ -40,7 +40,7 @@ log = logging.getLogger("baton.modes")
 
 MODES: Final = ("INTELLIGENT", "PYTHON_ONLY", "REDUNDANT", "SPEED_CRITICAL")
 NATIVE_MODES: Final = ("INTELLIGENT", "REDUNDANT", "SPEED_CRITICAL")  # the native router serves these
-_HISTORY: Final = 100
+_HISTORY: Final = 1000  # entries kept for `baton mode --json` (the table shows the last ones)
 
 
 def router_of(mode: str) -> str:
@@ -87,7 +87,8 @@ class ModeController:
 
     def record(self, reason: str, **extra: Any) -> None:
         self.reason = reason
-        self.history.append({"at": time.time(), "mode": self.mode, "reason": reason, **extra})
+        self.history.append({"at": time.time(), "mono_ns": time.monotonic_ns(), "mode": self.mode, "reason": reason,
+                             **extra})
         del self.history[:-_HISTORY]
 
     def report(self) -> dict[str, Any]:
