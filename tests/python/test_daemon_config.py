@@ -196,6 +196,22 @@ ENV_SAMPLES: dict[str, tuple[str, Any]] = {
     "router": (" Python", "python"),
     "coordinator_spin_us": ("200", 200),
     "router_spin_us": ("0", 0),
+    "mode": ("speed_critical", "SPEED_CRITICAL"),
+    "probe_interval_s": ("0.25", 0.25),
+    "degrade_probe_ms": ("250", 250.0),
+    "degrade_error_rate": ("0.1", 0.1),
+    "degrade_agent_failures": ("0", 0),
+    "degrade_window_s": ("60", 60.0),
+    "degraded_wip_factor": ("1", 1.0),
+    "recovery_interval_s": ("0", 0.0),
+    "recovery_step_s": ("0.5", 0.5),
+    "fault_slow_ms": ("700", 700.0),
+    "fault_fail_rate": ("0.05", 0.05),
+    "fault_kill_router_s": ("1.5", 1.5),
+    "fault_misroute_rate": ("0.5", 0.5),
+    "fault_after_s": ("2", 2.0),
+    "fault_native_starts": ("100", 100),
+    "fault_seed": ("42", 42),
 }
 
 
@@ -215,6 +231,17 @@ def test_router_choice_is_native_or_python(tmp_path: Path, home: Path) -> None:
     assert load_config(path, env, {}).router == "native"
     msg = config_error(None, {**env, "BATON_ROUTER": "c"}, {})
     assert "BATON_ROUTER" in msg and "router" in msg and "'native' or 'python'" in msg
+
+
+def test_mode_is_one_of_four_and_fault_rates_are_fractions(home: Path) -> None:
+    env = {"HOME": str(home)}
+    assert load_config(None, env, {}).mode == "INTELLIGENT"
+    assert load_config(None, env, {"mode": "redundant"}).mode == "REDUNDANT"
+    msg = config_error(None, {**env, "BATON_MODE": "FAST"}, {})
+    assert "BATON_MODE" in msg and "'INTELLIGENT', 'PYTHON_ONLY', 'REDUNDANT' or 'SPEED_CRITICAL'" in msg, msg
+    msg = config_error(None, {**env, "BATON_FAULT_FAIL_RATE": "1.5", "BATON_DEGRADED_WIP_FACTOR": "0"}, {})
+    assert "fault_fail_rate" in msg and "less than or equal to 1" in msg, msg
+    assert "degraded_wip_factor" in msg and "greater than 0" in msg, msg
 
 
 def test_an_empty_environment_variable_counts_as_unset(home: Path) -> None:
