@@ -162,6 +162,10 @@ def main() -> int:
         "daemon_pause_ms": {"p50": statistics.median(pauses), "p99": percentile(pauses, 0.99), "max": max(pauses)},
         "agent_gap_ms": {"p50": statistics.median(seen), "p99": percentile(seen, 0.99), "max": max(seen)}
         if seen else None,
+        "pause_by_target": {
+            mode: {k: statistics.median(h[k] for h in history if h.get("pause_ms") is not None and h["mode"] == mode)
+                   for k in ("pause_ms", "stop_ms", "start_ms")}
+            for mode in {h["mode"] for h in history if h.get("pause_ms") is not None}},
         "reasons": {},
     }
     for h in history:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -488,3 +489,46 @@ def test_mark_criteria_done(s):
     with pytest.raises(StaleLease):
         s.mark_criteria_done("a", c.fencing_token + 1, ["1"])
     assert s.get("a").criteria_done == ["2"]
+
+
+# --- SPEED_CRITICAL's continuations (docs/modes.md) --------------------------------------------------------------
+
+
+def test_continuation_is_a_dependent_waiting_for_that_task_alone(tmp_path: Path) -> None:
+    s = make(tmp_path)
+    s.enqueue_many([spec("a"), spec("b"), spec("solo", prerequisites=["a"]), spec("both", prerequisites=["a", "b"])])
+    assert s.continuation_of("a").id == "solo"  # "both" also waits for b
+    assert s.continuation_of("b") is None
+    assert s.continuation_of("solo") is None  # no dependents
+
+
+def test_claim_reserved_claims_under_the_reserved_token_once_ready(tmp_path: Path) -> None:
+    s = make(tmp_path)
+    s.enqueue_many([spec("a"), spec("b", prerequisites=["a"])])
+    (a,) = s.claim_records("impl", "router", 1)
+    token = s.reserve_fence()
+    assert token > a.token
+    claimed, refused = s.claim_reserved([("b", token)], "router")
+    assert not claimed and "not ready" in refused["b"]  # its prerequisite is still running
+    s.complete("a", a.token)
+    claimed, refused = s.claim_reserved([("b", token)], "router")
+    assert [r.id for r in claimed] == ["b"] and not refused
+    task = s.get("b")
+    assert task.status == "running" and task.fencing_token == token and task.attempts == 1
+    s.complete("b", token)  # the agent's result under the reserved token is accepted
+    assert s.get("b").status == "completed"
+    s.close()
+    again = make(tmp_path)  # and the claim is durable like any other
+    assert again.get("b").status == "completed" and again.get("b").fencing_token == token
+
+
+def test_claim_reserved_respects_the_wip_limit(tmp_path: Path) -> None:
+    s = make(tmp_path, wip_per_agent_type=1)
+    s.enqueue_many([spec("a"), spec("other"), spec("b", prerequisites=["a"])])
+    (a,) = s.claim_records("impl", "router", 1)
+    token = s.reserve_fence()
+    s.complete("a", a.token)
+    (other,) = s.claim_records("impl", "router", 1)  # the freed slot went to another task meanwhile
+    claimed, refused = s.claim_reserved([("b", token)], "router")
+    assert not claimed and "WIP limit" in refused["b"]
+    assert s.get("b").status == "ready"  # left for an ordinary claim

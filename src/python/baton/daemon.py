@@ -207,7 +207,8 @@ class _Daemon:
         from baton.modes import ModeController
         from baton.selftest import quick
 
-        self.modes = ModeController(config, self._open_router, quick_selftest=quick)
+        self.modes = ModeController(config, self._open_router, quick_selftest=quick,
+                                    prepare_native=self._prepare_native)
 
     # What the metrics read (metrics.BatonCollector).
     @property
@@ -354,6 +355,10 @@ class _Daemon:
         link = PythonRouterLink(self.options)
         await link.start()
         return link, fallback
+
+    def _prepare_native(self) -> None:
+        if self.router_child is None:
+            self.router_child = _spawn_router_child(None, {})
 
     def _next_faults(self) -> Any:
         """The injected faults for the next native router (the first fault_native_starts ones get them)."""

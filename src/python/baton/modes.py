@@ -60,9 +60,13 @@ class ModeController:
     """Owns the mode; ``open_router(kind)`` starts a router of that kind ("native" falls back to "python" when
     the native one cannot start, returning the reason as the second value)."""
 
-    def __init__(self, config: Any, open_router: OpenRouter, *, quick_selftest: Callable[[], str | None]) -> None:
+    def __init__(self, config: Any, open_router: OpenRouter, *, quick_selftest: Callable[[], str | None],
+                 prepare_native: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self._open_router = open_router
+        # Starts the native router's process ahead of a switch to it, so that its interpreter start-up (~60 ms)
+        # is not part of the pause (the daemon does the same at start).
+        self._prepare_native = prepare_native
         self._quick_selftest = quick_selftest  # None when the native layer passes, else why not
         self.native_mode = config.mode if config.mode != "PYTHON_ONLY" else "INTELLIGENT"
         self.mode = "PYTHON_ONLY" if config.router == "python" else config.mode
@@ -107,6 +111,8 @@ class ModeController:
         if mode == self.mode:
             return {"mode": mode, "switching_to": None}
         assert self._requests is not None
+        if router_of(mode) == "native" and self.router_kind == "python":
+            self._prepare_native()
         self._requests.put_nowait(_Switch(mode, "forced", "baton mode set"))
         return {"mode": self.mode, "switching_to": mode}
 
@@ -206,7 +212,9 @@ class ModeController:
             await run_task
         with contextlib.suppress(Exception):
             await old.stop()
+        t_stopped = time.monotonic()
         link, fallback = await self._open_router(router_of(sw.mode))
+        t_started = time.monotonic()
         self.link = link
         self.mode = sw.mode if fallback is None else "PYTHON_ONLY"
         if self.mode == "PYTHON_ONLY":
@@ -217,6 +225,8 @@ class ModeController:
                 self.degraded = False
             self._ramp = []
             co.set_wip_factor(self.config.degraded_wip_factor if self.degraded else 1.0)
+            if self.degraded and self.config.recovery_interval_s:
+                self._prepare_native()  # ready and waiting by the time recovery needs it
         else:
             self.degraded = False
             if sw.reason != "recovery":
@@ -226,7 +236,9 @@ class ModeController:
         co.adopt_link(link)
         pause_ms = round((time.monotonic() - t0) * 1000, 1)
         self._count(sw)
-        self.record(f"{sw.reason}: {sw.why}" + (f"; {fallback}" if fallback else ""), pause_ms=pause_ms)
+        # Where the pause went: stopping the old router, starting the new one, the coordinator's rebuild.
+        phases = {"stop_ms": round((t_stopped - t0) * 1000, 1), "start_ms": round((t_started - t_stopped) * 1000, 1)}
+        self.record(f"{sw.reason}: {sw.why}" + (f"; {fallback}" if fallback else ""), pause_ms=pause_ms, **phases)
         log.warning("now in %s after a %.1f ms pause", self.mode, pause_ms,
                     extra={"mode": self.mode, "pause_ms": pause_ms})
         co.publish_system({**announce, "mode": self.mode, "state": "switched", "pause_ms": pause_ms})
@@ -287,6 +299,7 @@ class ModeController:
                         f"{self.config.recovery_interval_s:.0f} s")
             return
         self.record("recovery: self-test passed")
+        self._prepare_native()
         low = self.config.degraded_wip_factor
         self._ramp = [f for f in ((low + 1) / 2, 1.0) if f > low]
         self._ramp_at = time.monotonic()
