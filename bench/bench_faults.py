@@ -95,8 +95,10 @@ def main() -> int:
             for _ in range(a.agents):
                 agents.append(subprocess.Popen([sys.executable, str(AGENT), "--type", "w", "--socket", sock,
                                                 "--log", alog, "--wip", "4"], env=env))
+            # idempotency keys: an enqueue whose reply a switch cut off is sent again, and must not fail
             specs = [{"id": f"t{i}", "summary": "s", "agent_type": "w", "input": {"sleep": a.task_ms / 1000},
-                      "prerequisites": [f"t{i - 1}"] if i % 10 else []} for i in range(a.tasks)]
+                      "idempotency_key": f"t{i}", "prerequisites": [f"t{i - 1}"] if i % 10 else []}
+                     for i in range(a.tasks)]
             ids = [s["id"] for s in specs]
             t0 = time.monotonic()
             for i in range(0, len(specs), 500):

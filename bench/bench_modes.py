@@ -1,0 +1,73 @@
+"""Issue 5: the four execution modes side by side on `baton bench handoff`, medians over several runs.
+
+    python bench/bench_modes.py [--runs 3] [--what handoff,throughput] [--bench-args "--chain 2000"]
+                                [--env KEY=VALUE ...] [--json out.json]
+
+Each run starts a fresh daemon (bench_issue4.fresh_daemon: native router, its own XDG directories) and runs
+`python -m baton.bench_handoff <what> --modes M1,M2,M3,M4` against it: every measurement once per mode, the
+daemon switched with `baton mode set` in between.  The order of the modes rotates from run to run, so that no
+mode always runs first (or second: on these shared 2-vCPU machines the position in a sequence shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from bench_issue4 import fresh_daemon
+
+MODES = ["INTELLIGENT", "PYTHON_ONLY", "REDUNDANT", "SPEED_CRITICAL"]
+
+
+def one_run(order: list[str], what: list[str], bench_args: list[str], env_extra: dict[str, str]) -> list[Any]:
+    with fresh_daemon("native", env_extra) as (sock, env), tempfile.TemporaryDirectory(prefix="baton-modes-") as tmp:
+        out = f"{tmp}/out.json"
+        subprocess.run([sys.executable, "-m", "baton.bench_handoff", *what, "--socket", sock, "--out", out,
+                        "--modes", ",".join(order), *bench_args], env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            results: list[Any] = json.load(f)["results"]
+            return results
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--what", default="handoff,throughput")
+    p.add_argument("--bench-args", default="")
+    p.add_argument("--env", action="append", default=[])
+    p.add_argument("--json")
+    a = p.parse_args()
+    env_extra = dict(kv.split("=", 1) for kv in a.env)
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in range(a.runs):
+        order = MODES[run % 4:] + MODES[:run % 4]
+        print(f"run {run + 1}/{a.runs}: {' '.join(order)}", file=sys.stderr, flush=True)
+        for r in one_run(order, a.what.split(","), shlex.split(a.bench_args), env_extra):
+            name = r["name"].split("] ", 1)[1]
+            rows.setdefault((name, r["extra"]["mode"]), []).append(r)
+    summary = []
+    for (name, mode), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1]))):
+        line: dict[str, Any] = {"name": name, "mode": mode,
+                                **{k: statistics.median(r[k] for r in rs) for k in ("p50", "p99", "p999")},
+                                "runs_p50": [r["p50"] for r in rs]}
+        if "tasks_per_s" in rs[0]["extra"]:
+            line["tasks_per_s"] = statistics.median(r["extra"]["tasks_per_s"] for r in rs)
+            line["tasks_per_s_runs"] = [r["extra"]["tasks_per_s"] for r in rs]
+        summary.append(line)
+        extra = f"  tasks/s {line['tasks_per_s']:.0f} {line['tasks_per_s_runs']}" if "tasks_per_s" in line else ""
+        print(f"{name[:40]:40} {mode:14} p50 {line['p50']:8.1f}  p99 {line['p99']:8.1f}  "
+              f"p50 runs {line['runs_p50']}{extra}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
