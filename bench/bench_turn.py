@@ -1,6 +1,6 @@
 """CPU cost of one coordinator turn on the handoff path, without processes or wakeups.
 
-    python bench/bench_turn.py [--tasks 6000] [--runs 3] [--batch]
+    python bench/bench_turn.py [--tasks 6000] [--runs 3] [--batch] [--mode REDUNDANT]
 
 A Coordinator over the daemon's own store (``daemon._open_scheduler``: exclusive SQLite, synchronous=NORMAL)
 and a link that only collects frames.  Two agents (types a and b) say HELLO; a chain of tasks alternating
@@ -63,7 +63,7 @@ def frame(typ: int, src: int, corr: int, body: Any, dst: int = protocol.EP_COORD
     return wire.encode(hdr, payload)
 
 
-def batch_run(n: int, wip: int = 64) -> float:
+def batch_run(n: int, wip: int = 64, mode: str = "INTELLIGENT") -> float:
     """Throughput shape: n independent tasks of one type, one agent with credit ``wip``; each turn brings the
     router's DISPATCHED notice for every task pushed and the agent's RESULT for each.  Returns microseconds
     of coordinator work per task (the figure to compare under callgrind: instructions per task)."""
@@ -76,6 +76,7 @@ def batch_run(n: int, wip: int = 64) -> float:
         co._turn([frame(int(MsgType.EP_OPEN), ep, 0, [os.getpid(), os.getuid(), os.getgid()], 0)])
         co._turn([frame(int(MsgType.HELLO), ep, 1, {"v": protocol.PROTOCOL_VERSION, "name": "a", "pid": 1,
                                                      "agent_type": "a", "capabilities": [], "wip": wip})])
+        co.set_mode(mode)
         for i in range(0, n, 5000):
             co.scheduler.enqueue_many([{"summary": "noop", "agent_type": "a"} for _ in range(min(5000, n - i))])
         co._pump_now()
@@ -98,7 +99,7 @@ def batch_run(n: int, wip: int = 64) -> float:
         return elapsed / n / 1000
 
 
-def one_run(n: int) -> tuple[float, float]:
+def one_run(n: int, mode: str = "INTELLIGENT") -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="baton-turn-") as tmp:
         cfg = DaemonConfig(state_dir=Path(tmp) / "state", socket_path=Path(tmp) / "b.sock")
         link = CollectingLink()
@@ -108,6 +109,7 @@ def one_run(n: int) -> tuple[float, float]:
             co._turn([frame(int(MsgType.EP_OPEN), ep, 0, [os.getpid(), os.getuid(), os.getgid()], 0)])
             co._turn([frame(int(MsgType.HELLO), ep, 1, {"v": protocol.PROTOCOL_VERSION, "name": t, "pid": 1,
                                                          "agent_type": t, "capabilities": [], "wip": 1})])
+        co.set_mode(mode)
         co.scheduler.enqueue_many([
             {"id": f"t{k}", "summary": "step", "agent_type": _TYPES[k % 2], "input": {"k": k},
              "prerequisites": [f"t{k - 1}"] if k else []}
@@ -140,13 +142,15 @@ def main() -> int:
     p.add_argument("--tasks", type=int, default=6000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batch", action="store_true", help="the throughput shape instead of the handoff chain")
+    p.add_argument("--mode", default="INTELLIGENT", help="the coordinator's execution mode (REDUNDANT: its shadow "
+                                                         "checks every dispatch; SPEED_CRITICAL: continuations)")
     a = p.parse_args()
     if a.batch:
-        per_task = [batch_run(a.tasks) for _ in range(a.runs)]
+        per_task = [batch_run(a.tasks, mode=a.mode) for _ in range(a.runs)]
         print(f"batch: {', '.join(f'{x:.2f}' for x in per_task)} us per task; median "
               f"{statistics.median(per_task):.2f}")
         return 0
-    runs = [one_run(a.tasks) for _ in range(a.runs)]
+    runs = [one_run(a.tasks, a.mode) for _ in range(a.runs)]
     for i, (pre, whole) in enumerate(runs):
         print(f"run {i + 1}: pre-push p50 {pre:6.1f} us   turn p50 {whole:6.1f} us")
     print(f"median of {a.runs}: pre-push {statistics.median(r[0] for r in runs):.1f} us, "

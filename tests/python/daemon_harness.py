@@ -235,7 +235,8 @@ class InProcess:
         opts = RouterOptions(listen_fd=self.listen.fileno(), allowed_uid=os.getuid(), allowed_gid=None,
                              max_payload=cfg.max_frame_bytes, generation=1)
         daemon = _Daemon(cfg, None, {})
-        self.link = await daemon._start_router(opts)
+        daemon.options = opts
+        self.link = await daemon.modes.start()
         # the daemon falls back to the Python router when the native one cannot start: a test must not
         assert daemon.router_kind == self.router, f"the {self.router} router did not start (see the log)"
         self.coordinator = Coordinator(self.scheduler, self.link, cfg, **kwargs)
