@@ -62,6 +62,23 @@ def one_run(router: str, what: list[str], bench_args: list[str], env_extra: dict
         return results
 
 
+def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One measurement over several runs: the median of each percentile, each run's figures, and the
+    throughput's when there is one."""
+    line: dict[str, Any] = {k: statistics.median(r[k] for r in rows) for k in ("p50", "p99", "p999", "max")}
+    line["runs"] = [[r["p50"], r["p99"], r["p999"]] for r in rows]
+    if "tasks_per_s" in rows[0]["extra"]:
+        line["tasks_per_s"] = statistics.median(r["extra"]["tasks_per_s"] for r in rows)
+        line["tasks_per_s_runs"] = [r["extra"]["tasks_per_s"] for r in rows]
+    return line
+
+
+def describe(line: dict[str, Any]) -> str:
+    extra = f" tasks/s={line['tasks_per_s']:.0f} {line['tasks_per_s_runs']}" if "tasks_per_s" in line else ""
+    return (f"p50={line['p50']:8.1f} p99={line['p99']:8.1f} p99.9={line['p999']:8.1f} "
+            f"(p50 of each run: {[r[0] for r in line['runs']]}){extra}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=3)
@@ -76,17 +93,9 @@ def main() -> int:
     for router in a.routers.split(","):
         runs = [one_run(router, a.what.split(","), shlex.split(a.bench_args), env_extra) for _ in range(a.runs)]
         for i, first in enumerate(runs[0]):
-            rows = [r[i] for r in runs]
-            med = {k: statistics.median(r[k] for r in rows) for k in ("p50", "p99", "p999", "max")}
-            line = {"router": router, "name": first["name"], **med,
-                    "runs": [[r["p50"], r["p99"], r["p999"]] for r in rows]}
-            if "tasks_per_s" in first["extra"]:
-                line["tasks_per_s"] = statistics.median(r["extra"]["tasks_per_s"] for r in rows)
-                line["tasks_per_s_runs"] = [r["extra"]["tasks_per_s"] for r in rows]
+            line = {"router": router, "name": first["name"], **medians([r[i] for r in runs])}
             summary.append(line)
-            extra = f" tasks/s={line['tasks_per_s']:.0f} {line['tasks_per_s_runs']}" if "tasks_per_s" in line else ""
-            print(f"{router:6} {first['name'][:44]:44} p50={med['p50']:8.1f} p99={med['p99']:8.1f} "
-                  f"p99.9={med['p999']:8.1f}{extra}", flush=True)
+            print(f"{router:6} {first['name'][:44]:44} {describe(line)}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 from typing import Any
 
-from bench_issue4 import fresh_daemon
+from bench_issue4 import describe, fresh_daemon, medians
 
 MODES = ["INTELLIGENT", "PYTHON_ONLY", "REDUNDANT", "SPEED_CRITICAL"]
 
@@ -59,16 +58,9 @@ def main() -> int:
                 rows.setdefault((r["name"], mode), []).append(r)
     summary = []
     for (name, mode), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1]))):
-        line: dict[str, Any] = {"name": name, "mode": mode,
-                                **{k: statistics.median(r[k] for r in rs) for k in ("p50", "p99", "p999")},
-                                "runs_p50": [r["p50"] for r in rs]}
-        if "tasks_per_s" in rs[0]["extra"]:
-            line["tasks_per_s"] = statistics.median(r["extra"]["tasks_per_s"] for r in rs)
-            line["tasks_per_s_runs"] = [r["extra"]["tasks_per_s"] for r in rs]
+        line = {"name": name, "mode": mode, **medians(rs)}
         summary.append(line)
-        extra = f"  tasks/s {line['tasks_per_s']:.0f} {line['tasks_per_s_runs']}" if "tasks_per_s" in line else ""
-        print(f"{name[:40]:40} {mode:14} p50 {line['p50']:8.1f}  p99 {line['p99']:8.1f}  "
-              f"p50 runs {line['runs_p50']}{extra}", flush=True)
+        print(f"{name[:40]:40} {mode:14} {describe(line)}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -82,15 +82,22 @@ void bti_router_ep_closed(bt_router *r, const rt_conn *c)
     coord_notify(r, BT_MSG_EP_CLOSED, BT_PRIO_HIGH, 0, c->ep, 0);
 }
 
-void bti_router_dispatched(bt_router *r)
+/* A notice whose payload is a flat msgpack array gathered during the turn (n entries in buf); buf is emptied. */
+static void notify_flat(bt_router *r, uint8_t type, rt_buf *buf, uint32_t n)
 {
-    if (!r->ndisp)
+    if (!n)
         return;
     rt_buf *pay = pay_begin(r);
-    mp_array(pay, r->ndisp * 2);
-    buf_append(pay, r->disp.p, buf_live(&r->disp));
-    coord_notify(r, BT_MSG_DISPATCHED, BT_PRIO_HIGH, 0, BT_EP_NONE, 0);
-    r->disp.len = r->disp.off = 0;
+    mp_array(pay, n);
+    buf_append(pay, buf->p, buf_live(buf));
+    coord_notify(r, type, BT_PRIO_HIGH, 0, BT_EP_NONE, 0);
+    buf->len = buf->off = 0;
+}
+
+/* DISPATCHED [endpoint, dispatch_id, ...]: ndisp counts the pairs. */
+void bti_router_dispatched(bt_router *r)
+{
+    notify_flat(r, BT_MSG_DISPATCHED, &r->disp, r->ndisp * 2);
     r->ndisp = 0;
 }
 
@@ -98,13 +105,7 @@ void bti_router_dispatched(bt_router *r)
  * may hand out a released child) and after the RESULT that settled it (emitted while routing, earlier). */
 void bti_router_continued(bt_router *r)
 {
-    if (!r->ncontd)
-        return;
-    rt_buf *pay = pay_begin(r);
-    mp_array(pay, r->ncontd * 2);
-    buf_append(pay, r->contd.p, buf_live(&r->contd));
-    coord_notify(r, BT_MSG_CONTINUED, BT_PRIO_HIGH, 0, BT_EP_NONE, 0);
-    r->contd.len = r->contd.off = 0;
+    notify_flat(r, BT_MSG_CONTINUED, &r->contd, r->ncontd * 2);
     r->ncontd = 0;
 }
 
