@@ -51,7 +51,6 @@ from baton.models import TERMINAL, Status
 from baton.protocol import ErrorCode, MsgType
 from baton.router import RouterGone, RouterLink
 from baton.scheduler import Scheduler
-from baton.shadow import RoutingShadow
 from baton.scheduler_errors import (
     DependencyCycle,
     InvalidTransition,
@@ -61,6 +60,7 @@ from baton.scheduler_errors import (
     TaskValidationError,
     UnknownTask,
 )
+from baton.shadow import RoutingShadow
 from baton.taskstate import TaskRecord
 
 __all__ = ["Coordinator", "SERVER_NAME", "ROUTER_HOLDER", "SYSTEM_TOPIC"]
@@ -69,7 +69,7 @@ log = logging.getLogger("baton.coordinator")
 router_log = logging.getLogger("baton.router")
 
 SERVER_NAME: Final = "baton 0.1.0"
-# The topic the daemon announces mode switches on (docs/modes.md, "What agents see").
+# The topic the daemon announces mode switches on (docs/modes.md, "Switches").
 SYSTEM_TOPIC: Final = "baton.system"
 ROUTER_HOLDER: Final = "router"  # the lease holder of every task the coordinator pushes
 # The router reserves room for an agent's whole credit when it is set (so a dispatch never allocates); a wip
@@ -902,8 +902,7 @@ class Coordinator:
         return out
 
     def _push(self, claims: list[TaskRecord], released: frozenset[str] = frozenset()) -> None:
-        """TASK frames for claimed tasks.  The stored input blob is already msgpack: it is spliced into the
-        payload as is instead of being decoded and encoded again."""
+        """TASK frames for claimed tasks (and, in SPEED_CRITICAL, their continuations)."""
         out = self._out
         dispatches = self._dispatches
         outstanding = self._outstanding
@@ -929,7 +928,8 @@ class Coordinator:
         self._next_did = did
         self.counters["tasks_pushed"] += len(claims)
 
-    def _task_frame(self, rec: TaskRecord, token: int, attempt: int, qid: int, did: int, prio: int, ts: int) -> bytes:
+    def _task_frame(self, rec: TaskRecord, token: int, attempt: int, qid: int, did: int, prio: int,
+                    ts: int) -> bytes:
         """A TASK frame.  The stored input blob is already msgpack: it is spliced into the payload as is instead
         of being decoded and encoded again."""
         packb = ormsgpack.packb
@@ -1010,8 +1010,7 @@ class Coordinator:
                 log.info("continuation %s not recorded (%s): taken back", tid, refused.get(tid))
                 self._resolve(d)
                 if d.endpoint == 0:
-                    self._out.append(_frame(_T_CTL_REVOKE, _HIGH, 0, 0, self._ctl_corr(),
-                                            protocol.CTL_REVOKE.pack(self._queue_id(d.agent_type), d.id)))
+                    self._revoke(d)
 
     # --- periodic work -----------------------------------------------------------------------------------
 
@@ -1047,10 +1046,14 @@ class Coordinator:
                 continue
             self._resolve(d)
             if d.endpoint == 0:
-                if self.shadow is not None:
-                    self.shadow.revoked(d.id)
-                self._out.append(_frame(_T_CTL_REVOKE, _HIGH, 0, 0, self._ctl_corr(),
-                                        protocol.CTL_REVOKE.pack(self._queue_id(d.agent_type), d.id)))
+                self._revoke(d)
+
+    def _revoke(self, d: _Dispatch) -> None:
+        """Take a pushed task out of the router's work queue (if no agent got it yet)."""
+        if self.shadow is not None:
+            self.shadow.revoked(d.id)
+        self._out.append(_frame(_T_CTL_REVOKE, _HIGH, 0, 0, self._ctl_corr(),
+                                protocol.CTL_REVOKE.pack(self._queue_id(d.agent_type), d.id)))
 
     def _ctl_corr(self) -> int:
         self._next_ctl += 1

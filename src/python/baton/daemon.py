@@ -11,8 +11,8 @@ back to ready without an attempt counted; the router shuts down; exit 0).  SIGHU
 (log_level, wip_per_agent_type, lease_s and drain_timeout_s change live; other changes are logged as needing
 a restart).  Execution modes, degradation to the Python router and recovery: baton/modes.py (docs/modes.md).
 
-Exit statuses: 0 clean stop, 1 could not run (already running, unsafe socket directory, bind failure, router
-death), 2 bad configuration or usage.
+Exit statuses: 0 clean stop, 1 could not run (already running, unsafe socket directory, bind failure) or
+stopped abnormally (the coordinator failed, the Python router died), 2 bad configuration or usage.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -42,7 +41,7 @@ __all__ = ["serve", "main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 log = logging.getLogger("baton.daemon")
 
 EXIT_OK: Final = 0
-EXIT_FAILURE: Final = 1  # could not run, or stopped abnormally (already running, router died)
+EXIT_FAILURE: Final = 1  # could not run, or stopped abnormally (already running, the coordinator failed)
 EXIT_USAGE: Final = 2  # bad configuration or command line
 
 # Settings a SIGHUP applies at once; any other change is reported as needing a restart.

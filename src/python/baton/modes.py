@@ -217,23 +217,23 @@ class ModeController:
         t_started = time.monotonic()
         self.link = link
         self.mode = sw.mode if fallback is None else "PYTHON_ONLY"
+        factor = co.wip_factor  # a recovery keeps the lowered limits: the ramp raises them
         if self.mode == "PYTHON_ONLY":
-            if degrade or fallback:
-                self.degraded = True
-                self._degraded_at = time.monotonic()
-            else:
-                self.degraded = False
+            self.degraded = degrade or fallback is not None
             self._ramp = []
-            co.set_wip_factor(self.config.degraded_wip_factor if self.degraded else 1.0)
-            if self.degraded and self.config.recovery_interval_s:
-                self._prepare_native()  # ready and waiting by the time recovery needs it
+            factor = self.config.degraded_wip_factor if self.degraded else 1.0
+            if self.degraded:
+                self._degraded_at = time.monotonic()
+                if self.config.recovery_interval_s:
+                    self._prepare_native()  # ready and waiting by the time recovery needs it
         else:
             self.degraded = False
             if sw.reason != "recovery":
-                co.set_wip_factor(1.0)
+                factor = 1.0
         self.health.reset()
         co.set_mode(self.mode)
-        co.adopt_link(link)
+        co.adopt_link(link)  # first: what the coordinator sends from now on goes to the new router
+        co.set_wip_factor(factor)
         pause_ms = round((time.monotonic() - t0) * 1000, 1)
         self._count(sw)
         # Where the pause went: stopping the old router, starting the new one, the coordinator's rebuild.
