@@ -645,9 +645,9 @@ class Coordinator:
         mono = time.monotonic()
         # Histogram.observe spelled out for the queue wait: this loop runs once per task dispatched.
         wait_counts, waited = self.queue_wait.counts, 0.0
-        shadow = self.shadow
+        fenced = self._diverged(self.shadow.check(flat)) if self.shadow is not None else ()
         for i in range(0, len(flat) - 1, 2):
-            if shadow is not None and self._diverged(shadow, flat[i], flat[i + 1]):
+            if fenced and flat[i + 1] in fenced:
                 continue
             d = dispatches.get(flat[i + 1])
             if d is None:
@@ -670,21 +670,19 @@ class Coordinator:
         self.queue_wait.sum += waited
         self.counters["dispatched"] += len(flat) // 2
 
-    def _diverged(self, shadow: RoutingShadow, ep: int, did: int) -> bool:
-        """REDUNDANT: check a native dispatch against the Python decision.  On a divergence the Python decision
-        wins: the dispatch is fenced off (the task goes back to ready under a new token, without an attempt
-        counted; the agent's RESULT for it will be refused as stale) and the task is pushed again, in order."""
-        problem = shadow.dispatched(ep, did)
-        if problem is None:
-            return False
-        self.counters["redundant_divergences"] += 1
-        log.warning("REDUNDANT: the native router diverged from the Python decision: %s; the Python decision "
-                    "wins (task fenced and pushed again)", problem, extra={"divergence": problem})
-        d = self._dispatches.get(did)
-        if d is not None:
-            self._resolve(d)
-            self._unsent.append((d.task_id, d.token))
-        return True
+    def _diverged(self, problems: list[tuple[int, str]]) -> set[int]:
+        """REDUNDANT: the native dispatches the shadow disagrees with.  The Python decision wins: each is fenced
+        off (the task goes back to ready under a new token, without an attempt counted; the agent's RESULT for
+        it will be refused as stale) and the task is pushed again, in order.  Returns their dispatch ids."""
+        for did, problem in problems:
+            self.counters["redundant_divergences"] += 1
+            log.warning("REDUNDANT: the native router diverged from the Python decision: %s; the Python decision "
+                        "wins (task fenced and pushed again)", problem, extra={"divergence": problem})
+            d = self._dispatches.get(did)
+            if d is not None:
+                self._resolve(d)
+                self._unsent.append((d.task_id, d.token))
+        return {did for did, _ in problems}
 
     def _on_result(self, src: int, corr: int, prio: int, flags: int, payload: bytes) -> None:
         if flags & _F_REPLY:

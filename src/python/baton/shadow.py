@@ -65,13 +65,14 @@ class RoutingShadow:
     # --- what the coordinator sends -------------------------------------------------------------------------
 
     def pushed(self, qid: int, did: int, prio: int, *, ordered: bool = True) -> None:
-        """A TASK for work queue ``qid``.  ``ordered=False`` for tasks queued before the shadow started (their
-        order relative to each other is unknown to it): they may be handed out, they never count as skipped."""
+        """A TASK for work queue ``qid`` at wire priority ``prio`` (0-4).  ``ordered=False`` for tasks queued
+        before the shadow started (their order relative to each other is unknown to it): they may be handed
+        out, they never count as skipped."""
         q = self._queue(qid)
         q.pending[did] = prio
         self._queue_of[did] = qid
         if ordered:
-            q.fifos[min(prio, _N_PRIO - 1)].append(did)
+            q.fifos[prio].append(did)
 
     def revoked(self, did: int) -> None:
         qid = self._queue_of.pop(did, None)
@@ -102,6 +103,16 @@ class RoutingShadow:
     def closed(self, ep: int) -> None:
         self._agents.pop(ep, None)
 
+    def check(self, flat: list[int]) -> list[tuple[int, str]]:
+        """A DISPATCHED notice (``[endpoint, dispatch_id, ...]``): the dispatches that diverge, with why."""
+        out = []
+        dispatched = self.dispatched
+        for i in range(0, len(flat) - 1, 2):
+            problem = dispatched(flat[i], flat[i + 1])
+            if problem is not None:
+                out.append((flat[i + 1], problem))
+        return out
+
     def dispatched(self, ep: int, did: int) -> str | None:
         """Check the native router's dispatch of ``did`` to ``ep`` and apply it; a description of the
         divergence, or None when the Python router could have made the same decision."""
@@ -121,8 +132,12 @@ class RoutingShadow:
             self.divergences["agent"] += 1
             problem = f"dispatch {did} to endpoint {ep}: it holds {len(a.held)} of {a.credit} credit(s)"
         else:
-            for p in range(min(prio, _N_PRIO - 1) + 1):
-                head = q.head(p)
+            fifos, pending = q.fifos, q.pending
+            for p in range(prio + 1):  # q.head(p), inlined: this runs for every task dispatched
+                fifo = fifos[p]
+                while fifo and fifo[0] not in pending:
+                    fifo.popleft()
+                head = fifo[0] if fifo else None
                 if head is not None and head < did:
                     self.divergences["order"] += 1
                     problem = (f"dispatch {did} (priority {prio}) went before {head} (priority {p}), pushed "
