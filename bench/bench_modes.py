@@ -1,7 +1,7 @@
 """Issue 5: the four execution modes side by side on `baton bench handoff`, medians over several runs.
 
     python bench/bench_modes.py [--runs 3] [--what handoff,throughput] [--bench-args "--chain 2000"]
-                                [--env KEY=VALUE ...] [--json out.json]
+                                [--modes INTELLIGENT,REDUNDANT] [--env KEY=VALUE ...] [--json out.json]
 
 Each run measures every mode on a fresh daemon of its own started in that mode (bench_issue4.fresh_daemon with
 BATON_MODE; its own XDG directories, an empty store): `python -m baton.bench_handoff <what>`.  The order of the
@@ -46,12 +46,14 @@ def main() -> int:
     p.add_argument("--what", default="handoff,throughput")
     p.add_argument("--bench-args", default="")
     p.add_argument("--env", action="append", default=[])
+    p.add_argument("--modes", default=",".join(MODES), help="which modes (default: all four)")
     p.add_argument("--json")
     a = p.parse_args()
+    modes = [m.strip().upper() for m in a.modes.split(",")]
     env_extra = dict(kv.split("=", 1) for kv in a.env)
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for run in range(a.runs):
-        order = MODES[run % 4:] + MODES[:run % 4]
+        order = modes[run % len(modes):] + modes[:run % len(modes)]
         print(f"run {run + 1}/{a.runs}: {' '.join(order)}", file=sys.stderr, flush=True)
         for mode in order:
             for r in one_run(mode, a.what.split(","), shlex.split(a.bench_args), env_extra):
