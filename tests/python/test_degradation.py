@@ -138,6 +138,7 @@ def test_mode_set_switches_router_both_ways_and_work_continues(short_tmp: Path) 
             wait_for(lambda: mode_is("REDUNDANT"), timeout=30, what="REDUNDANT")
             assert d.children() == router
             run("d")
+            assert "diverged" not in d.log  # switched into REDUNDANT live: the shadow agrees with the router
             bad = cli("set", "FAST")
             assert bad.returncode == 1 and "unknown mode 'FAST'" in bad.stderr, bad
             with Client(d.socket_path) as c:
