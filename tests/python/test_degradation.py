@@ -1,5 +1,5 @@
 """The native router dies under a running daemon: it switches to PYTHON_ONLY on the same socket and nothing is
-lost or run twice (DESIGN.md section 3; docs/daemon.md "Router failure")."""
+lost or run twice; the triggers, recovery, REDUNDANT and SPEED_CRITICAL (docs/modes.md)."""
 
 from __future__ import annotations
 
