@@ -281,14 +281,38 @@ static void tasks_free(bt_router *r, rt_task *t)
     }
 }
 
+/* Free discarded continuations and, with each, the continuations stored for it in turn (a chain registered
+ * ahead), reporting [child, 0] for every child that had some.  A worklist, not recursion: a chain may be long. */
+static void conts_drop(bt_router *r, rt_task *list)
+{
+    while (list) {
+        rt_task *t = list;
+        list = t->next;
+        uint32_t idx;
+        if (r->nconts && map_get(&r->cmap, t->dispatch_id, &idx)) {
+            rt_task *more = conts_take(r, idx);
+            conts_report(r, t->dispatch_id, 0);
+            if (more) {
+                rt_task *tail = more;
+                while (tail->next)
+                    tail = tail->next;
+                tail->next = list;
+                list = more;
+            }
+        }
+        task_free(r, t);
+    }
+}
+
 /* Discard parent's continuations, if it has any, and report [parent, 0]. */
 static void conts_discard(bt_router *r, uint64_t parent)
 {
     uint32_t idx;
     if (!r->nconts || !map_get(&r->cmap, parent, &idx))
         return;
-    tasks_free(r, conts_take(r, idx));
+    rt_task *list = conts_take(r, idx);
     conts_report(r, parent, 0);
+    conts_drop(r, list);
 }
 
 /* The holder of parent sent its RESULT: release its continuations on {"ok": true}, else discard them. */
@@ -300,23 +324,33 @@ static void conts_settle(bt_router *r, uint64_t parent, const uint8_t *payload, 
     rt_task *t = conts_take(r, idx);
     int ok = bt_result_ok(payload, len);
     conts_report(r, parent, ok);
+    if (!ok) {
+        conts_drop(r, t);
+        return;
+    }
     while (t) {
         rt_task *next = t->next;
         bt_frame_hdr h;
         /* Validated when it was stored (bti_router_ctl_continue): decoding again cannot fail. */
-        if (ok && bt_frame_decode(t->data, t->len, BT_FRAME_MAX_PAYLOAD_LIMIT, &h) == (int)t->len)
+        if (bt_frame_decode(t->data, t->len, BT_FRAME_MAX_PAYLOAD_LIMIT, &h) == (int)t->len)
             bti_router_task_push(r, &h, t->data, t->len); /* exactly as if the coordinator had pushed it */
         task_free(r, t);
         t = next;
     }
 }
 
-/* Is dispatch id held by an agent or waiting in a queue?  Only asked for a parent's first continuation. */
+/* Is dispatch id held by an agent, waiting in a queue, or itself a stored continuation (a chain registered
+ * ahead: it reports once released and run, or is discarded with its parent)?  Only asked for a parent's first
+ * continuation. */
 static int dispatch_known(bt_router *r, uint64_t id)
 {
     uint32_t n;
     if (map_get(&r->qids, id, &n))
         return 1;
+    for (uint32_t i = 0; i < r->nparents; i++)
+        for (const rt_task *t = r->conts[i].tasks.head; t; t = t->next)
+            if (t->dispatch_id == id)
+                return 1;
     /* Held dispatches: at most the sum of the agents' credit, scanned without an index so that dispatch and
      * RESULT -- the hot path -- keep no per-dispatch map. */
     for (uint32_t s = 0; s < r->nslots; s++) {
@@ -335,9 +369,9 @@ static void conts_refuse(bt_router *r, uint64_t parent, const char *why)
 {
     bti_router_log(r, "warning", "CTL_CONTINUE for dispatch %llu refused: %s", (unsigned long long)parent, why);
     uint32_t idx;
-    if (r->nconts && map_get(&r->cmap, parent, &idx))
-        tasks_free(r, conts_take(r, idx));
+    rt_task *list = r->nconts && map_get(&r->cmap, parent, &idx) ? conts_take(r, idx) : NULL;
     conts_report(r, parent, 0);
+    conts_drop(r, list);
 }
 
 void bti_router_ctl_continue(bt_router *r, const uint8_t *payload, uint32_t plen)

@@ -829,6 +829,39 @@ def test_several_continuations_of_one_parent_are_pushed_in_arrival_order(h: Harn
     assert router_stats(h, 42)["continuations"] == 0
 
 
+def test_a_chain_registered_ahead_is_released_link_by_link(h: Harness) -> None:
+    """A continuation may name a stored continuation as its parent (the coordinator registers a chain ahead):
+    each link is released when the one before it reports success."""
+    a = h.agent("build", 1)
+    hold(h, a, "build", 1)
+    h.continue_(1, "build", 2)
+    h.continue_(2, "build", 3)  # 2 is not queued or held yet: a stored continuation, so known
+    h.continue_(3, "build", 4)
+    assert router_stats(h, 44)["continuations"] == 3
+    for parent, child in ((1, 2), (2, 3), (3, 4)):
+        h.result(a, parent)
+        assert a.recv_until(lambda f: f.type == MsgType.TASK, what=f"child {child}").corr == child
+        assert continued_pairs(wait_continued(h, parent)) == [(parent, 1)]
+    stats = router_stats(h, 45)
+    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 3, 0)
+
+
+def test_a_failed_parent_discards_the_whole_chain_registered_ahead(h: Harness) -> None:
+    a = h.agent("build", 1)
+    hold(h, a, "build", 1)
+    h.continue_(1, "build", 2)
+    h.continue_(2, "build", 3)
+    h.continue_(3, "build", 4)
+    h.continue_(2, "build", 5)  # a second child of 2
+    send_result(a, 1, pack({"id": "t1", "token": 1, "ok": False, "error": "boom"}))
+    frames = h.coord.drain_until(lambda f: _continued(f) and 3 in f.obj()[0::2], what="CONTINUED for 3")
+    pairs = continued_pairs(frames)
+    assert pairs[0] == (1, 0) and sorted(pairs) == [(1, 0), (2, 0), (3, 0)], pairs  # each parent once
+    assert h.tasks_before_marker(a, 100) == []
+    stats = router_stats(h, 46)
+    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 0, 3)
+
+
 # RESULT payloads that do not say {"ok": true}: discarded.  Duplicate "ok" keys: the last one decides.
 NOT_OK = {
     "ok false": pack({"id": "t1", "token": 1, "ok": False, "error": "boom"}),

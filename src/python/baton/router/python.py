@@ -855,12 +855,22 @@ class PythonRouterLink:
         self._stats["continued" if released else "continuations_discarded"] += 1
 
     def _settle(self, parent: int, conts: list[tuple[FrameHeader, memoryview]], ok: bool) -> None:
-        """parent's continuations (already out of the store): pushed like coordinator TASKs, or dropped."""
+        """parent's continuations (already out of the store): pushed like coordinator TASKs, or dropped --
+        and with each dropped one, the continuations registered for it in turn (a chain registered ahead)."""
         self._nconts -= len(conts)
         self._report(parent, ok)
         if ok:
             for hdr, frame in conts:
                 self._push_task(hdr, frame)
+            return
+        dropped = [hdr.correlation_id for hdr, _ in conts]
+        while dropped and self._nconts:  # a worklist, not recursion: a chain may be long
+            child = dropped.pop()
+            more = self._conts.pop(child, None)
+            if more is not None:
+                self._nconts -= len(more)
+                self._report(child, False)
+                dropped += (hdr.correlation_id for hdr, _ in more)
 
     def _discard(self, parent: int) -> None:
         """parent will never report (revoked, its holder gone): drop its continuations, if any, and say so."""
@@ -875,10 +885,11 @@ class PythonRouterLink:
         self._settle(parent, conts or [], False)
 
     def _known(self, dispatch_id: int) -> bool:
-        """Is the dispatch held by an agent or waiting in a queue?"""
-        return any(dispatch_id in c.held for c in self._conns.values()) or any(
-            dispatch_id in q.index for q in self._queues.values()
-        )
+        """Is the dispatch held by an agent, waiting in a queue, or itself a stored continuation (a chain
+        registered ahead: it reports once it is released and run, or is discarded with its parent)?"""
+        return (any(dispatch_id in c.held for c in self._conns.values())
+                or any(dispatch_id in q.index for q in self._queues.values())
+                or any(h.correlation_id == dispatch_id for conts in self._conts.values() for h, _ in conts))
 
     def _continue(self, payload: memoryview) -> None:
         if len(payload) < CTL_CONTINUE_PARENT.size:
