@@ -72,6 +72,8 @@ SERVER_NAME: Final = "baton 0.1.0"
 # The topic the daemon announces mode switches on (docs/modes.md, "Switches").
 SYSTEM_TOPIC: Final = "baton.system"
 ROUTER_HOLDER: Final = "router"  # the lease holder of every task the coordinator pushes
+# SPEED_CRITICAL registers this many links of a chain ahead of the task running (docs/modes.md).
+CHAIN_AHEAD: Final = 3
 # The router reserves room for an agent's whole credit when it is set (so a dispatch never allocates); a wip
 # above this is more than any per-type WIP limit would hand out, and is granted as this much credit.
 MAX_CREDIT: Final = 4096
@@ -921,7 +923,7 @@ class Coordinator:
             outstanding[t] += 1
             if speed:
                 self._next_did = did
-                self._continue(rec, did, ts)
+                self._extend_chain(rec, did, ts)
                 did = self._next_did
         self._next_did = did
         self.counters["tasks_pushed"] += len(claims)
@@ -949,18 +951,38 @@ class Coordinator:
 
     # --- SPEED_CRITICAL: continuations (docs/modes.md) -----------------------------------------------------
 
-    def _continue(self, parent: TaskRecord, parent_did: int, ts: int) -> None:
+    def _extend_chain(self, rec: TaskRecord, did: int, ts: int) -> None:
+        """Keep CHAIN_AHEAD continuations registered after a task just pushed or released (rec, dispatch did):
+        each link's own continuation is registered before the link runs, so a fast agent's RESULT finds it
+        in the router (registered one at a time, the next link often came after that RESULT and took the
+        ordinary path)."""
+        conts = self._continuations
+        depth = 0
+        tail: TaskRecord | None = rec
+        while did in conts and depth < CHAIN_AHEAD:  # the links registered already
+            did, tid = conts[did][0], conts[did][1]
+            tail = self.scheduler.record(tid)
+            depth += 1
+        while tail is not None and depth < CHAIN_AHEAD:
+            link = self._continue(tail, did, ts)
+            if link is None:
+                return
+            tail, did = link
+            depth += 1
+
+    def _continue(self, parent: TaskRecord, parent_did: int, ts: int) -> tuple[TaskRecord, int] | None:
         """Hand the router the parent's continuation, if it has one: the dependent's TASK frame under a token
         reserved now, which the router pushes into its work queue itself when the parent's agent reports
-        success (CTL_CONTINUE, after the parent's TASK: the router refuses a continuation of a dispatch it does
-        not know).  The coordinator claims it when the router says it did (CONTINUED)."""
+        success (CTL_CONTINUE, after the parent's TASK or continuation: the router refuses a continuation of a
+        dispatch it does not know).  The coordinator claims it when the router says it did (CONTINUED).
+        Returns the continuation and its dispatch id."""
         sch = self.scheduler
         child = sch.continuation_of(parent.id)
         if child is None:
-            return
+            return None
         token = sch.reserve_fence()
         if not sch.store.fence_durable(token):
-            return  # this frame may leave before the commit; such a token could be handed out again
+            return None  # this frame may leave before the commit; such a token could be handed out again
         self._next_did += 1
         did = self._next_did
         prio = _HIGH if child.base_priority >= _HIGH_FROM else _NORMAL
@@ -968,6 +990,7 @@ class Coordinator:
         self._out.append(_frame(_T_CTL_CONTINUE, _HIGH, 0, 0, 0, protocol.ctl_continue_payload(parent_did, frame)))
         self._continuations[parent_did] = (did, child.id, token, child.agent_type)
         self.counters["continuations"] += 1
+        return child, did
 
     def _on_continued(self, payload: bytes) -> None:
         """The router released (1) or discarded (0) parents' continuations.  A released one is a dispatch from
@@ -1003,7 +1026,7 @@ class Coordinator:
                 if d is not None:
                     d.expires = rec.expires or d.expires
                 if speed:
-                    self._continue(rec, did, ts)  # the next link of the chain
+                    self._extend_chain(rec, did, ts)  # the links after it
             elif d is not None:
                 log.info("continuation %s not recorded (%s): taken back", tid, refused.get(tid))
                 self._resolve(d)
