@@ -238,7 +238,7 @@ class InProcess:
         daemon.options = opts
         self.link = await daemon.modes.start()
         # the daemon falls back to the Python router when the native one cannot start: a test must not
-        assert daemon.router_kind == self.router, f"the {self.router} router did not start (see the log)"
+        assert daemon.modes.router_kind == self.router, f"the {self.router} router did not start (see the log)"
         self.coordinator = Coordinator(self.scheduler, self.link, cfg, **kwargs)
         self.task = asyncio.get_running_loop().create_task(self.coordinator.run())
 

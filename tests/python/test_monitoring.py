@@ -33,6 +33,22 @@ def copy_monitoring(tmp_path: Path) -> Path:
     return dst
 
 
+def failing_check(mon: Path) -> subprocess.CompletedProcess[str]:
+    """Run the check on an edited copy of monitoring/, which must fail it."""
+    r = run_check("--dir", str(mon))
+    assert r.returncode == 1, f"expected the check to fail:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def set_panel_query(mon: Path, title: str, expr: str) -> None:
+    """Give the dashboard panel with that title another first query."""
+    path = mon / "grafana" / "baton.json"
+    dash = json.loads(path.read_text())
+    panel = next(p for p in dash["panels"] if p["title"] == title)
+    panel["targets"][0]["expr"] = expr
+    path.write_text(json.dumps(dash))
+
+
 def test_monitoring_directory_passes_the_check() -> None:
     r = run_check()
     assert r.returncode == 0, f"scripts/check-monitoring failed:\n{r.stdout}\n{r.stderr}"
@@ -45,8 +61,7 @@ def test_rule_with_an_unknown_metric_fails_naming_it_and_the_file(tmp_path: Path
     # valid PromQL (promtool accepts it): only the metric check can catch it
     rules.write_text(rules.read_text() + "\n      - alert: Misspelt\n"
                      "        expr: rate(baton_tasks_complete_total[5m]) == 0\n        for: 1m\n")
-    r = run_check("--dir", str(mon))
-    assert r.returncode == 1, f"expected the check to fail:\n{r.stdout}\n{r.stderr}"
+    r = failing_check(mon)
     assert "unknown metric 'baton_tasks_complete_total'" in r.stderr
     assert "monitoring/alerts.yml: rule Misspelt" in r.stderr
     assert r.stdout.count("unknown metric") == 1, "only the bad name is reported"
@@ -57,32 +72,21 @@ def test_counter_without_total_suffix_is_unknown(tmp_path: Path) -> None:
     rules = mon / "alerts.yml"
     rules.write_text(rules.read_text().replace("increase(baton_tasks_dead_lettered_total[10m])",
                                                "increase(baton_tasks_dead_lettered[10m])"))
-    r = run_check("--dir", str(mon))
-    assert r.returncode == 1, f"expected the check to fail:\n{r.stdout}\n{r.stderr}"
+    r = failing_check(mon)
     assert "unknown metric 'baton_tasks_dead_lettered' (baton exports baton_tasks_dead_lettered_total)" in r.stderr
 
 
 def test_dashboard_panel_with_an_unknown_metric_fails_naming_it_and_the_file(tmp_path: Path) -> None:
     mon = copy_monitoring(tmp_path)
-    path = mon / "grafana" / "baton.json"
-    dash = json.loads(path.read_text())
-    panel = next(p for p in dash["panels"] if p["title"] == "Tasks by state")
-    panel["targets"][0]["expr"] = 'sum by (state) (baton_task_states{state!="x"})'
-    path.write_text(json.dumps(dash))
-    r = run_check("--dir", str(mon))
-    assert r.returncode == 1, f"expected the check to fail:\n{r.stdout}\n{r.stderr}"
+    set_panel_query(mon, "Tasks by state", 'sum by (state) (baton_task_states{state!="x"})')
+    r = failing_check(mon)
     assert "monitoring/grafana/baton.json: panel 'Tasks by state': unknown metric 'baton_task_states'" in r.stderr
 
 
 def test_dashboard_query_that_is_not_promql_fails(tmp_path: Path) -> None:
     mon = copy_monitoring(tmp_path)
-    path = mon / "grafana" / "baton.json"
-    dash = json.loads(path.read_text())
-    panel = next(p for p in dash["panels"] if p["title"] == "Throughput")
-    panel["targets"][0]["expr"] = "sum(rate(baton_tasks_submitted_total[$__rate_interval])"
-    path.write_text(json.dumps(dash))
-    r = run_check("--dir", str(mon))
-    assert r.returncode == 1, f"expected the check to fail:\n{r.stdout}\n{r.stderr}"
+    set_panel_query(mon, "Throughput", "sum(rate(baton_tasks_submitted_total[$__rate_interval])")
+    r = failing_check(mon)
     assert "a dashboard query is not valid PromQL" in r.stderr
     assert "panel 'Throughput'" in r.stdout
 
@@ -93,7 +97,6 @@ def test_failing_alert_unit_test_fails_the_check(tmp_path: Path) -> None:
     text = rules.read_text()
     assert ") > 5\n" in text
     rules.write_text(text.replace(") > 5\n", ") > 50\n"))  # the queue-wait alert no longer fires in its test
-    r = run_check("--dir", str(mon))
-    assert r.returncode == 1, f"expected the check to fail:\n{r.stdout}\n{r.stderr}"
+    r = failing_check(mon)
     assert "promtool test rules alerts_test.yml exited with 1" in r.stderr
     assert "BatonQueueWaitHigh" in r.stdout

@@ -769,6 +769,21 @@ def hold(h: Harness, agent: Client, queue_name: str, parent: int) -> None:
                        what=f"DISPATCHED {parent}")
 
 
+def cont_counts(h: Harness, corr: int) -> tuple[int, int, int]:
+    """The router's continuation counters: (stored, parents released, parents discarded)."""
+    stats = router_stats(h, corr)
+    return stats["continuations"], stats["continued"], stats["continuations_discarded"]
+
+
+def parent_with_child(h: Harness) -> tuple[Client, Client]:
+    """An agent holding dispatch 1 with continuation 2 registered for queue "child", and an idle child agent."""
+    p = h.agent("parent", 1)
+    c = h.agent("child", 5)
+    hold(h, p, "parent", 1)
+    h.continue_(1, "child", 2)
+    return p, c
+
+
 def send_result(agent: Client, did: int, payload: bytes) -> None:
     agent.send(MsgType.RESULT, corr=did, destination=COORD, payload=payload)
 
@@ -795,8 +810,7 @@ def test_continuations_are_released_on_ok_true_before_the_agent_gets_its_next_ta
     assert i_result < i_cont <= i_disp, frames
     assert continued_pairs(frames) == [(1, 1)]
     assert h.tasks_before_marker(a, 100) == []  # a holds exactly its credit (child 2)
-    stats = router_stats(h, 40)
-    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 1, 0)
+    assert cont_counts(h, 40) == (0, 1, 0)
 
 
 def test_a_released_child_queues_behind_tasks_already_queued(h: Harness) -> None:
@@ -842,8 +856,7 @@ def test_a_chain_registered_ahead_is_released_link_by_link(h: Harness) -> None:
         h.result(a, parent)
         assert a.recv_until(lambda f: f.type == MsgType.TASK, what=f"child {child}").corr == child
         assert continued_pairs(wait_continued(h, parent)) == [(parent, 1)]
-    stats = router_stats(h, 45)
-    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 3, 0)
+    assert cont_counts(h, 45) == (0, 3, 0)
 
 
 def test_a_failed_parent_discards_the_whole_chain_registered_ahead(h: Harness) -> None:
@@ -858,8 +871,7 @@ def test_a_failed_parent_discards_the_whole_chain_registered_ahead(h: Harness) -
     pairs = continued_pairs(frames)
     assert pairs[0] == (1, 0) and sorted(pairs) == [(1, 0), (2, 0), (3, 0)], pairs  # each parent once
     assert h.tasks_before_marker(a, 100) == []
-    stats = router_stats(h, 46)
-    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 0, 3)
+    assert cont_counts(h, 46) == (0, 0, 3)
 
 
 # RESULT payloads that do not say {"ok": true}: discarded.  Duplicate "ok" keys: the last one decides.
@@ -879,17 +891,13 @@ NOT_OK = {
 
 @pytest.mark.parametrize("payload", list(NOT_OK.values()), ids=list(NOT_OK))
 def test_continuations_are_discarded_unless_the_result_says_ok_true(h: Harness, payload: bytes) -> None:
-    p = h.agent("parent", 1)
-    c = h.agent("child", 5)
-    hold(h, p, "parent", 1)
-    h.continue_(1, "child", 2)
+    p, c = parent_with_child(h)
     send_result(p, 1, payload)
     frames = wait_continued(h, 1)
     assert continued_pairs(frames) == [(1, 0)]
     assert [f.corr for f in frames if f.type == MsgType.RESULT] == [1]  # forwarded as ever, before CONTINUED
     assert h.tasks_before_marker(c, 100) == []
-    stats = router_stats(h, 43)
-    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 0, 1)
+    assert cont_counts(h, 43) == (0, 0, 1)
 
 
 OK = {
@@ -902,10 +910,7 @@ OK = {
 
 @pytest.mark.parametrize("payload", list(OK.values()), ids=list(OK))
 def test_result_payloads_that_release(h: Harness, payload: bytes) -> None:
-    p = h.agent("parent", 1)
-    c = h.agent("child", 5)
-    hold(h, p, "parent", 1)
-    h.continue_(1, "child", 2)
+    p, c = parent_with_child(h)
     send_result(p, 1, payload)
     assert continued_pairs(wait_continued(h, 1)) == [(1, 1)]
     assert c.recv_until(lambda f: f.type == MsgType.TASK, what="child").corr == 2
@@ -1009,8 +1014,7 @@ def test_malformed_continue_controls_are_refused_and_traffic_flows(h: Harness) -
     assert h.coord.alive() and a.ping(300).payload == b"barrier"
     h.result(p, 1)
     assert h.tasks_before_marker(c, 100) == []  # the good continuation went with the first refusal
-    stats = router_stats(h, 49)
-    assert (stats["continuations"], stats["continued"], stats["continuations_discarded"]) == (0, 0, len(bad))
+    assert cont_counts(h, 49) == (0, 0, len(bad))
     assert not [f for f in h.coord.pending if _continued(f)]
 
 

@@ -959,10 +959,11 @@ class Coordinator:
         conts = self._continuations
         depth = 0
         tail: TaskRecord | None = rec
-        while did in conts and depth < CHAIN_AHEAD:  # the links registered already
-            did, tid = conts[did][0], conts[did][1]
+        if did in conts:  # follow the links registered already to the chain's end
+            while did in conts and depth < CHAIN_AHEAD:
+                did, tid = conts[did][0], conts[did][1]
+                depth += 1
             tail = self.scheduler.record(tid)
-            depth += 1
         while tail is not None and depth < CHAIN_AHEAD:
             link = self._continue(tail, did, ts)
             if link is None:
@@ -997,14 +998,14 @@ class Coordinator:
         now on (DISPATCHED may follow in this very batch); the flush that follows claims it under its token."""
         flat = _unpack(payload)
         conts = self._continuations
+        now = self.scheduler.clock()
         for i in range(0, len(flat) - 1, 2):
             c = conts.pop(flat[i], None)
             if c is None or not flat[i + 1]:
                 continue
             self.counters["continuations_released"] += 1
             did, tid, token, agent_type = c
-            self._dispatches[did] = _Dispatch(did, tid, token, agent_type, self.scheduler.clock() + self._lease_s,
-                                              self.scheduler.clock(), self._turn_t0)
+            self._dispatches[did] = _Dispatch(did, tid, token, agent_type, now + self._lease_s, now, self._turn_t0)
             self._outstanding[agent_type] += 1
             self._released_conts.append((tid, token, did))
 

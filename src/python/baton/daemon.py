@@ -209,24 +209,6 @@ class _Daemon:
         self.modes = ModeController(config, self._open_router, quick_selftest=quick,
                                     prepare_native=self._prepare_native)
 
-    # What the metrics read (metrics.BatonCollector).
-    @property
-    def mode(self) -> str:
-        return self.modes.mode
-
-    @property
-    def router_kind(self) -> str:
-        return self.modes.router_kind
-
-    @property
-    def mode_switches(self) -> dict[str, int]:
-        return self.modes.switches
-
-    @property
-    def redundant_divergences(self) -> int:
-        co = self.coordinator
-        return int(co.counters["redundant_divergences"]) if co is not None else 0
-
     def dismiss_router_child(self) -> None:
         """Let an early router child go if nothing took it (Python router, or start-up stopped before)."""
         child, self.router_child = self.router_child, None

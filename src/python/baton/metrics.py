@@ -111,15 +111,15 @@ class BatonCollector:
         co = daemon.coordinator
         kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}
         fams: dict[str, Any] = {m.name: kinds[m.kind](m.name, m.help, labels=m.labels) for m in METRICS}
-        mode = daemon.mode
         from baton.modes import MODES
 
+        modes = daemon.modes
         for name in MODES:
-            fams["baton_mode"].add_metric([name], 1.0 if name == mode else 0.0)
-        for reason, n in daemon.mode_switches.items():
+            fams["baton_mode"].add_metric([name], 1.0 if name == modes.mode else 0.0)
+        for reason, n in modes.switches.items():
             fams["baton_mode_switches"].add_metric([reason], n)
-        fams["baton_redundant_divergences"].add_metric([], daemon.redundant_divergences)
-        fams["baton_build_info"].add_metric([__version__, daemon.router_kind, platform.python_version()], 1.0)
+        fams["baton_redundant_divergences"].add_metric([], co.counters["redundant_divergences"] if co else 0)
+        fams["baton_build_info"].add_metric([__version__, modes.router_kind, platform.python_version()], 1.0)
         if co is not None:
             self._scheduler(fams, co.scheduler, co.agents_by_state())
             for name, h in (("baton_handoff_latency_seconds", co.handoff_latency),

@@ -121,23 +121,24 @@ class ModeController:
     async def start(self) -> RouterLink:
         """The first router: the configured mode's, or PYTHON_ONLY when the native layer fails its self-test or
         does not start."""
-        if self.router_kind == "native":
-            failed = self._quick_selftest()
-            if failed:
-                log.warning("the native layer failed its self-test (%s); serving with the Python router", failed)
-                self.mode, self.degraded = "PYTHON_ONLY", True
-                self._degraded_at = time.monotonic()
-                link, _ = await self._open_router("python")
-                self.record(f"native self-test failed: {failed}")
-                self.link = link
-                return link
-        link, fallback = await self._open_router(self.router_kind)
-        if fallback:
-            self.mode, self.degraded = "PYTHON_ONLY", True
-            self._degraded_at = time.monotonic()
-        self.record(fallback or f"configured: {self.mode} (router {self.router_kind})")
+        failed = self._quick_selftest() if self.router_kind == "native" else None
+        if failed:
+            log.warning("the native layer failed its self-test (%s); serving with the Python router", failed)
+            link, _ = await self._open_router("python")
+            why: str | None = f"native self-test failed: {failed}"
+        else:
+            link, why = await self._open_router(self.router_kind)  # why: the native router's fallback
+        if why:
+            self.mode = "PYTHON_ONLY"
+            self._degrade()
+        self.record(why or f"configured: {self.mode} (router {self.router_kind})")
         self.link = link
         return link
+
+    def _degrade(self) -> None:
+        """PYTHON_ONLY because the native layer failed: recovery tries it again after recovery_interval_s."""
+        self.degraded = True
+        self._degraded_at = time.monotonic()
 
     # --- running ---------------------------------------------------------------------------------------------
 
@@ -219,11 +220,12 @@ class ModeController:
         self.mode = sw.mode if fallback is None else "PYTHON_ONLY"
         factor = co.wip_factor  # a recovery keeps the lowered limits: the ramp raises them
         if self.mode == "PYTHON_ONLY":
-            self.degraded = degrade or fallback is not None
+            self.degraded = False
             self._ramp = []
-            factor = self.config.degraded_wip_factor if self.degraded else 1.0
-            if self.degraded:
-                self._degraded_at = time.monotonic()
+            factor = 1.0
+            if degrade or fallback is not None:
+                self._degrade()
+                factor = self.config.degraded_wip_factor
                 if self.config.recovery_interval_s:
                     self._prepare_native()  # ready and waiting by the time recovery needs it
         else:
